@@ -1,0 +1,148 @@
+"""Training checkpoints: written atomically, read without pickle.
+
+A checkpoint is the folder ``checkpoints/step-N/`` of a run directory:
+
+- ``model.safetensors``: the model's state dict;
+- ``optimizer.safetensors``: every tensor of the optimizer state;
+- ``rng-rank-R.safetensors``: each process's torch (and CUDA) and numpy generator state;
+- ``trainer_state.json``: the step, optimizer hyperparameters, scheduler and
+  gradient-scaler state, Python generator states, and each process's data
+  stream positions.
+
+All files are written into a hidden ``.tmp-step-N`` folder which is renamed
+to ``step-N`` only when complete, so a killed run never leaves a checkpoint that
+``resume=auto`` would pick up half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger("mmalign.train")
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Return the complete checkpoints of a run, oldest first."""
+    folder = run_dir / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (for safetensors) and the rest (for JSON)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return this process's generator states as (tensors, JSON-able values)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{index}"] = state
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss = random.getstate()
+    values = {
+        "numpy": [kind, int(position), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss],
+    }
+    return tensors, values
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[key] for key in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, position, has_gauss, cached = values["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss = values["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def staging_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINT_DIR / f".tmp-step-{step}"
+
+
+def commit(run_dir: Path, step: int, keep: int) -> Path:
+    """Rename a complete staging folder to ``step-N`` and delete all but the newest ``keep`` checkpoints."""
+    final = run_dir / CHECKPOINT_DIR / f"step-{step}"
+    if final.exists():
+        # the same step saved again (the final save after a periodic one)
+        shutil.rmtree(final)
+    staging_dir(run_dir, step).rename(final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def remove_stale_staging(run_dir: Path) -> None:
+    """Delete staging folders left by a run killed while writing a checkpoint."""
+    folder = run_dir / CHECKPOINT_DIR
+    if folder.is_dir():
+        for path in folder.glob(".tmp-step-*"):
+            logger.info("removing incomplete checkpoint %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_model_state(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    save_file_tensors(path, state_dict)
+
+
+def save_file_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({key: value.detach().contiguous().cpu() for key, value in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))

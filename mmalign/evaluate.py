@@ -1,0 +1,454 @@
+"""Evaluation of a frozen model: zero-shot classification and cross-modal retrieval.
+
+Definitions (also written to eval_details.json):
+
+- zero-shot: each class embedding is the normalised mean of its prompt
+  embeddings; an image is correct at k when its class is among the k classes
+  of highest cosine similarity. Mean per-class recall is the top-1 recall
+  averaged over the classes present.
+- text to image R@k: every caption is a query; a hit when an image that has
+  this caption text is among the top k images.
+- image to text R@k: every image is a query; a hit when any of its captions
+  (any caption instance with one of its caption texts) is among the top k
+  captions.
+- ties count against the query: a negative that scores equal to the best
+  positive ranks above it, so a model that scores everything alike gets chance.
+- k larger than the gallery is clamped to the gallery size, with a warning.
+
+Chance levels are the expected scores of a uniformly random ranking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mmalign.config import Config, ConfigError, apply_overrides, build_config, read_config_file
+from mmalign.data.reader import FieldSpec, check_urls
+from mmalign.data.report import DataReport
+from mmalign.data.stream import EvalStream, StreamSettings
+
+logger = logging.getLogger("mmalign.eval")
+
+DEFINITIONS = {
+    "zeroshot": "top-k: the true class is among the k classes of highest cosine similarity to the image; "
+    "class embeddings average the normalised prompt embeddings",
+    "retrieval/t2i": "every caption is a query; hit when an image having this caption text is in the top k images",
+    "retrieval/i2t": "every image is a query; hit when any of its captions is in the top k captions",
+    "ties": "a negative scoring equal to the best positive ranks above it",
+    "large_k": "k larger than the gallery is clamped to the gallery size",
+}
+
+
+@dataclass
+class ClassFile:
+    classnames: list[str]
+    templates: list[str]
+    labels: dict[str, int] | None
+
+
+def read_class_file(path: str | Path) -> ClassFile:
+    """Read a zero-shot class file: {"classnames": [...], "templates": [...], "labels": {key: index}}.
+
+    Raises:
+        ConfigError: missing file or field, a template without ``{}``, a label out of range.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"eval.classes={str(path)!r}: class file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"eval.classes={str(path)!r} is not valid JSON: {error}") from None
+    classnames = data.get("classnames")
+    if not isinstance(classnames, list) or not classnames or not all(isinstance(c, str) for c in classnames):
+        raise ConfigError(f"{path}: 'classnames' must be a non-empty list of strings")
+    templates = data.get("templates", ["{}"])
+    bad = [template for template in templates if not isinstance(template, str) or template.count("{}") != 1]
+    if bad:
+        raise ConfigError(f"{path}: every template needs exactly one '{{}}' for the class name; got {bad[:3]}")
+    labels = data.get("labels")
+    if labels is not None:
+        out_of_range = [key for key, value in labels.items() if not (0 <= int(value) < len(classnames))]
+        if out_of_range:
+            raise ConfigError(f"{path}: labels of {out_of_range[:3]} are not class indices 0..{len(classnames) - 1}")
+        labels = {str(key): int(value) for key, value in labels.items()}
+    return ClassFile(classnames, templates, labels)
+
+
+def clamp_k(k: int, size: int, what: str) -> int:
+    if k > size:
+        logger.warning("R@%d %s: the gallery has only %d items, so k is clamped to %d", k, what, size, size)
+        return size
+    return k
+
+
+def chance_hit(total: int, positives: int, k: int) -> float:
+    """Return P(at least one of ``positives`` items is in a random top ``k`` of ``total``)."""
+    if positives <= 0:
+        return 0.0
+    if total - positives < k:
+        return 1.0
+    log_miss = (
+        math.lgamma(total - positives + 1)
+        - math.lgamma(total - positives - k + 1)
+        - math.lgamma(total + 1)
+        + math.lgamma(total - k + 1)
+    )
+    return 1.0 - math.exp(log_miss)
+
+
+def class_ranks(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Return, per row of logits (N, C), how many wrong classes score at least the true class."""
+    true = logits.gather(1, labels[:, None])  # (N, 1)
+    return (logits >= true).sum(dim=1) - 1  # (N,)
+
+
+def zeroshot_metrics(image_emb: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> dict[str, float]:
+    """Top-1, top-5 and mean per-class recall, with chance levels.
+
+    Shape:
+        image_emb: (N, D) normalised; labels: (N,) class indices; classifier: (C, D) normalised.
+    """
+    num_classes = classifier.shape[0]
+    ranks = class_ranks(image_emb.float() @ classifier.float().T, labels)  # (N,)
+    top5 = min(5, num_classes)
+    correct = ranks == 0
+    present = labels.unique()
+    per_class = torch.stack([correct[labels == label].float().mean() for label in present])
+    return {
+        "zeroshot/top1": correct.float().mean().item(),
+        "zeroshot/top5": (ranks < top5).float().mean().item(),
+        "zeroshot/mean_per_class_recall": per_class.mean().item(),
+        "chance/zeroshot/top1": 1 / num_classes,
+        "chance/zeroshot/top5": top5 / num_classes,
+        "chance/zeroshot/mean_per_class_recall": 1 / num_classes,
+    }
+
+
+def positive_mask(text_ids: torch.Tensor, image_texts: list[set[int]], rows: slice) -> torch.Tensor:
+    """Return a (rows, N) mask: caption t is a positive of image n when n has caption text t."""
+    ids = text_ids[rows].tolist()
+    mask = torch.zeros(len(ids), len(image_texts), dtype=torch.bool)
+    images_of_text: dict[int, list[int]] = {}
+    for image, texts in enumerate(image_texts):
+        for text in texts:
+            images_of_text.setdefault(text, []).append(image)
+    for row, text in enumerate(ids):
+        mask[row, images_of_text.get(text, [])] = True
+    return mask
+
+
+def retrieval_ranks(
+    score_rows: Callable[[slice], torch.Tensor],
+    text_ids: torch.Tensor,
+    image_texts: list[set[int]],
+    chunk: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (t2i ranks (T,), i2t ranks (N,)): negatives scoring at least the best positive.
+
+    ``score_rows(rows)`` returns the (rows, N) text-by-image scores of a slice of captions.
+    """
+    num_texts, num_images = len(text_ids), len(image_texts)
+    t2i = torch.empty(num_texts, dtype=torch.long)
+    best_caption = torch.full((num_images,), -math.inf)
+    chunks = [slice(start, min(start + chunk, num_texts)) for start in range(0, num_texts, chunk)]
+
+    # pass 1: text-to-image ranks, and each image's best-scoring own caption
+    for rows in chunks:
+        scores = score_rows(rows).float()  # (c, N)
+        positives = positive_mask(text_ids, image_texts, rows)  # (c, N)
+        best_image = scores.masked_fill(~positives, -math.inf).amax(dim=1)  # (c,)
+        t2i[rows] = ((scores >= best_image[:, None]) & ~positives).sum(dim=1)
+        best_caption = torch.maximum(best_caption, scores.masked_fill(~positives, -math.inf).amax(dim=0))
+
+    # pass 2: image-to-text ranks against those best captions
+    i2t = torch.zeros(num_images, dtype=torch.long)
+    for rows in chunks:
+        scores = score_rows(rows).float()  # (c, N)
+        positives = positive_mask(text_ids, image_texts, rows)  # (c, N)
+        i2t += ((scores >= best_caption[None, :]) & ~positives).sum(dim=0)
+    return t2i, i2t
+
+
+def retrieval_metrics(
+    score_rows: Callable[[slice], torch.Tensor],
+    caption_texts: Sequence[str],
+    caption_owner: Sequence[int],
+    num_images: int,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Image-to-text and text-to-image Recall@k with chance levels (see the module docstring).
+
+    Args:
+        score_rows: returns the (rows, N) scores of a slice of the T captions against the N images.
+        caption_texts: the T caption strings (equal strings are the same caption text).
+        caption_owner: for each caption, the index of the image it belongs to.
+        num_images: N.
+    """
+    text_index: dict[str, int] = {}
+    text_ids = torch.tensor([text_index.setdefault(text, len(text_index)) for text in caption_texts])
+    image_texts: list[set[int]] = [set() for _ in range(num_images)]
+    for text_id, owner in zip(text_ids.tolist(), caption_owner, strict=True):
+        image_texts[owner].add(text_id)
+    t2i, i2t = retrieval_ranks(score_rows, text_ids, image_texts)
+
+    images_per_text = torch.bincount(
+        torch.tensor([text for texts in image_texts for text in texts], dtype=torch.long), minlength=len(text_index)
+    )
+    instances_per_text = torch.bincount(text_ids, minlength=len(text_index))
+    positives_per_image = [int(sum(instances_per_text[text] for text in texts)) for texts in image_texts]
+    results = {}
+    for k in ks:
+        k_images = clamp_k(k, num_images, "text to image")
+        k_texts = clamp_k(k, len(text_ids), "image to text")
+        results[f"retrieval/i2t_R@{k}"] = (i2t < k_texts).float().mean().item()
+        results[f"retrieval/t2i_R@{k}"] = (t2i < k_images).float().mean().item()
+        results[f"chance/retrieval/i2t_R@{k}"] = sum(
+            chance_hit(len(text_ids), positives, k_texts) for positives in positives_per_image
+        ) / max(1, num_images)
+        results[f"chance/retrieval/t2i_R@{k}"] = sum(
+            chance_hit(num_images, int(images_per_text[text]), k_images) for text in text_ids.tolist()
+        ) / max(1, len(text_ids))
+    return results
+
+
+@dataclass
+class EvalEmbeddings:
+    """Embeddings of a held-out set, in one order on every process."""
+
+    keys: list[str]
+    image_emb: torch.Tensor  # (N, D), normalised
+    labels: torch.Tensor  # (N,), -1 when unknown
+    caption_texts: list[str]
+    caption_owner: list[int]
+    text_emb: torch.Tensor  # (T, D), normalised
+    report: DataReport
+
+
+@torch.no_grad()
+def encode_texts(model: nn.Module, tokenizer, texts: list[str], device: torch.device, batch_size: int) -> torch.Tensor:
+    """Return normalised text embeddings (T, D) for a list of strings."""
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(texts[start : start + batch_size]).to(device)  # (b, L)
+        chunks.append(model.encode_text(tokens, normalize=True).float().cpu())  # (b, D)
+    if not chunks:
+        return torch.empty(0, 0)
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def embed_eval_set(model: nn.Module, tokenizer, loader: DataLoader, device: torch.device, autocast) -> dict[str, Any]:
+    """Embed this process's share of the held-out set."""
+    keys, labels, image_chunks, captions, owners = [], [], [], [], []
+    report = DataReport()
+    for batch in loader:
+        report.add(batch["report"])
+        if batch["image"] is None:
+            continue
+        with autocast():
+            image_chunks.append(model.encode_image(batch["image"].to(device), normalize=True).float().cpu())
+        for key, captions_of_image in zip(batch["keys"], batch["captions"], strict=True):
+            owners.extend([len(keys)] * len(captions_of_image))
+            captions.extend(captions_of_image)
+            keys.append(key)
+        labels.extend(batch["labels"])
+    with autocast():
+        text_emb = encode_texts(model, tokenizer, captions, device, 256)
+    image_emb = torch.cat(image_chunks) if image_chunks else torch.empty(0, 0)
+    return {
+        "keys": keys,
+        "labels": labels,
+        "image_emb": image_emb,
+        "captions": captions,
+        "owners": owners,
+        "text_emb": text_emb,
+        "report": report.to_dict(),
+    }
+
+
+def merge_parts(parts: list[dict[str, Any]]) -> EvalEmbeddings:
+    """Concatenate the per-process parts in process order."""
+    keys, labels, owners, captions, image_chunks, text_chunks = [], [], [], [], [], []
+    report = DataReport()
+    for part in parts:
+        owners.extend(owner + len(keys) for owner in part["owners"])
+        keys.extend(part["keys"])
+        labels.extend(part["labels"])
+        captions.extend(part["captions"])
+        if part["image_emb"].numel():
+            image_chunks.append(part["image_emb"])
+        if part["text_emb"].numel():
+            text_chunks.append(part["text_emb"])
+        report.add(DataReport.from_dict(part["report"]).delta(DataReport()))
+    if not image_chunks:
+        raise ConfigError("the evaluation shards held no usable sample: " + report.summary())
+    return EvalEmbeddings(
+        keys=keys,
+        image_emb=torch.cat(image_chunks),
+        labels=torch.tensor(labels, dtype=torch.long),
+        caption_texts=captions,
+        caption_owner=owners,
+        text_emb=torch.cat(text_chunks) if text_chunks else torch.empty(0, image_chunks[0].shape[1]),
+        report=report,
+    )
+
+
+def zeroshot_classifier(
+    model: nn.Module, tokenizer, classes: ClassFile, device: torch.device, autocast
+) -> torch.Tensor:
+    """Return normalised class embeddings (C, D): the mean of each class's normalised prompt embeddings."""
+    prompts = [template.format(name) for name in classes.classnames for template in classes.templates]
+    with autocast():
+        prompt_emb = encode_texts(model, tokenizer, prompts, device, 256)  # (C * P, D)
+    prompt_emb = prompt_emb.view(len(classes.classnames), len(classes.templates), -1)  # (C, P, D)
+    return torch.nn.functional.normalize(prompt_emb.mean(dim=1), dim=-1)  # (C, D)
+
+
+def compute_metrics(
+    data: EvalEmbeddings, classifier: torch.Tensor | None, ks: Sequence[int]
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Return (eval.json scores, details) for embedded data."""
+    results: dict[str, float] = {}
+    details: dict[str, Any] = {"definitions": DEFINITIONS, "images": len(data.keys)}
+    if classifier is not None:
+        known = data.labels >= 0
+        details["zeroshot_images"] = int(known.sum())
+        details["zeroshot_classes"] = int(classifier.shape[0])
+        if known.any():
+            results.update(zeroshot_metrics(data.image_emb[known], data.labels[known], classifier))
+        else:
+            logger.warning("no evaluation image has a class label; zero-shot scores are skipped")
+    if data.caption_texts:
+        details["captions"] = len(data.caption_texts)
+
+        def score_rows(rows: slice) -> torch.Tensor:
+            return data.text_emb[rows] @ data.image_emb.T  # (c, N)
+
+        results.update(retrieval_metrics(score_rows, data.caption_texts, data.caption_owner, len(data.keys), ks))
+    details["data"] = data.report.to_dict()
+    return results, details
+
+
+def eval_loader(config: Config, transform, labels: dict[str, int] | None, rank: int, world: int) -> DataLoader:
+    urls = check_urls(config.eval.shards, "eval.shards")
+    data = config.data
+    settings = StreamSettings(
+        urls=tuple(urls),
+        fields=FieldSpec(
+            image_keys=tuple(key.lower() for key in data.image_keys),
+            caption_key=data.caption_key.lower(),
+            caption_json_field=data.caption_json_field,
+        ),
+        batch_size=config.eval.batch_size,
+        shuffle_shards=False,
+        shuffle_buffer=0,
+        max_pixels=data.max_pixels,
+        encoding_fallback=data.caption_encoding_fallback,
+        warn_every=data.warn_every,
+        rank=rank,
+        world_size=world,
+        workers=config.eval.workers,
+    )
+    stream = EvalStream(settings, transform, config.eval.retrieval_captions, labels, config.eval.label_key)
+    return DataLoader(stream, batch_size=None, num_workers=config.eval.workers)
+
+
+def evaluate_model(model: nn.Module, config: Config, accelerator, run_dir: Path | None) -> dict[str, float]:
+    """Evaluate on ``config.eval.shards`` on every process; write eval.json and eval_details.json.
+
+    Each held-out sample is read by exactly one loader stream of one process;
+    the embeddings are then gathered so every process computes the same scores.
+    """
+    from accelerate.utils import gather_object
+
+    from mmalign.model import create_tokenizer, image_transforms
+
+    model.eval()
+    tokenizer = create_tokenizer(model)
+    _, transform = image_transforms(model)
+    classes = read_class_file(config.eval.classes) if config.eval.classes else None
+    labels = classes.labels if classes else None
+    loader = eval_loader(config, transform, labels, accelerator.process_index, accelerator.num_processes)
+    part = embed_eval_set(model, tokenizer, loader, accelerator.device, accelerator.autocast)
+    data = merge_parts(gather_object([part]))
+    classifier = None
+    if classes is not None and (labels is not None or config.eval.label_key):
+        classifier = zeroshot_classifier(model, tokenizer, classes, accelerator.device, accelerator.autocast)
+    results, details = compute_metrics(data, classifier, config.eval.recall_k)
+    if run_dir is not None and accelerator.is_main_process:
+        (run_dir / "eval.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        (run_dir / "eval_details.json").write_text(json.dumps(details, indent=1) + "\n", encoding="utf-8")
+        logger.info("wrote %s", run_dir / "eval.json")
+    accelerator.wait_for_everyone()
+    return results
+
+
+def format_table(results: dict[str, float]) -> str:
+    """Return a small text table of scores with their chance levels and the ratio between them."""
+    rows = [
+        (key, value, results.get(f"chance/{key}")) for key, value in results.items() if not key.startswith("chance/")
+    ]
+    width = max((len(key) for key, _, _ in rows), default=10)
+    lines = [f"{'metric':<{width}}  {'score':>7}  {'chance':>7}  {'x chance':>8}"]
+    for key, value, chance in rows:
+        ratio = f"{value / chance:8.1f}" if chance else f"{'-':>8}"
+        lines.append(f"{key:<{width}}  {value:7.4f}  {chance if chance is not None else float('nan'):7.4f}  {ratio}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``mmalign eval``: score a run directory or a saved model folder."""
+    parser = argparse.ArgumentParser(
+        prog="mmalign eval",
+        description="Zero-shot classification and retrieval recall of a trained model on held-out shards.",
+        epilog="Overrides are dotted config keys, e.g. eval.shards=shards/val-{000..001}.tar eval.recall_k=[1,5]",
+    )
+    parser.add_argument("--model", required=True, help="run directory or model folder written by mmalign train")
+    parser.add_argument("--config", help="config file for the eval and data sections (default: the run's config.yaml)")
+    parser.add_argument("--output", help="folder for eval.json (default: the model folder)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value pairs")
+    args = parser.parse_args(argv)
+    try:
+        return run_eval(args)
+    except (ConfigError, FileNotFoundError) as error:
+        logging.getLogger("mmalign").error("%s", error)
+        return 2
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+
+    from mmalign.model import load_model
+
+    model_dir = Path(args.model)
+    config_path = Path(args.config) if args.config else model_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"no config for evaluation: {config_path} not found; pass --config FILE")
+    data = read_config_file(config_path)
+    config = build_config(apply_overrides(data, args.overrides))
+    if config.eval.shards is None:
+        raise ConfigError("eval.shards is not set; pass eval.shards=PATTERN")
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
+    model = load_model(model_dir, accelerator.device)
+    output = Path(args.output) if args.output else model_dir
+    output.mkdir(parents=True, exist_ok=True)
+    results = evaluate_model(model, config, accelerator, output)
+    if accelerator.is_main_process:
+        sys.stdout.write(format_table(results) + "\n")
+    return 0
