@@ -38,6 +38,7 @@ from mmalign.config import Config, ConfigError, apply_overrides, build_config, r
 from mmalign.data.reader import FieldSpec, check_urls
 from mmalign.data.report import DataReport
 from mmalign.data.stream import EvalStream, StreamSettings
+from mmalign.logs import configure_logging
 
 logger = logging.getLogger("mmalign.eval")
 
@@ -421,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", help="folder for eval.json (default: the model folder)")
     parser.add_argument("overrides", nargs="*", help="section.key=value pairs")
     args = parser.parse_args(argv)
+    configure_logging()
     try:
         return run_eval(args)
     except (ConfigError, FileNotFoundError) as error:

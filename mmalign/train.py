@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import gather_object, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
@@ -27,11 +28,12 @@ from tqdm.auto import tqdm
 
 from mmalign import checkpoint as ckpt
 from mmalign.config import Config, ConfigError, load_config, save_config
-from mmalign.data.reader import DataError, FieldSpec, check_urls
+from mmalign.data.reader import DataError, FieldSpec, ShardError, check_urls
 from mmalign.data.report import DataReport
 from mmalign.data.schema import check_schema
 from mmalign.data.stream import StreamSettings, TrainStream, describe_split
 from mmalign.evaluate import evaluate_model, format_table
+from mmalign.logs import configure_logging
 from mmalign.loss import InfoNCELoss
 from mmalign.model import (
     clamp_logit_scale,
@@ -43,7 +45,7 @@ from mmalign.model import (
 )
 from mmalign.optim import create_optimizer, create_scheduler
 
-logger = logging.getLogger("mmalign.train")
+logger = get_logger("mmalign.train")
 
 
 class TrainingError(RuntimeError):
@@ -104,22 +106,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``mmalign train`` and ``python -m mmalign.train``; returns the exit status."""
     args = parse_args(argv)
+    configure_logging()
     overrides = [item[2:] if item.startswith("--") else item for item in args.overrides]
     try:
         config = load_config(args.config, overrides)
         train(config)
-    except (ConfigError, DataError, TrainingError, FileNotFoundError) as error:
+    except (ConfigError, DataError, ShardError, TrainingError, FileNotFoundError) as error:
         logging.getLogger("mmalign").error("%s", error)
         return 2
     return 0
-
-
-def setup_logging(accelerator: Accelerator) -> None:
-    level = logging.INFO if accelerator.is_main_process else logging.WARNING
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level, force=True
-    )
-    logging.getLogger("mmalign").setLevel(level)
 
 
 def create_accelerator(config: Config, run_dir: Path) -> Accelerator:
@@ -378,12 +373,15 @@ def train(config: Config) -> Path:
     Writes config.yaml, metrics.jsonl, checkpoints/, the final model
     (model.safetensors, open_clip_config.json), data_report.json and eval.json.
     """
-    run_dir = Path(config.run.output_dir) / config.run.name
-    accelerator = create_accelerator(config, run_dir)
-    setup_logging(accelerator)
-    run_dir, checkpoint = prepare_run_dir(config, accelerator)
+    # bad shards or keys fail here, before a run directory exists
     urls = check_urls(config.data.train_shards, "data.train_shards")
     check_schema(urls[0], field_spec(config), "data")
+    if config.eval.shards is not None:
+        check_urls(config.eval.shards, "eval.shards")
+
+    run_dir = Path(config.run.output_dir) / config.run.name
+    accelerator = create_accelerator(config, run_dir)
+    run_dir, checkpoint = prepare_run_dir(config, accelerator)
 
     set_seed(config.run.seed)
     model = create_model(config.model)

@@ -7,7 +7,7 @@ MINIMAL = {"data": {"train_shards": "shards/train-{000..007}.tar"}, "train": {"s
 
 def test_shipped_default_config_loads():
     config = load_config()
-    assert config.model.name == "mm-tiny"
+    assert config.model.name == "mm-tiny-minilm"
     assert config.train.steps is not None
 
 
@@ -55,12 +55,12 @@ def test_missing_shard_pattern_is_reported():
 
 
 def test_budget_needs_exactly_one_of_steps_and_samples():
-    with pytest.raises(ConfigError, match="exactly one of train.steps and train.samples"):
+    with pytest.raises(ConfigError, match=r"exactly one of train\.steps and train\.samples"):
         build_config({**MINIMAL, "train": {"steps": 10, "samples": 100}})
 
 
 def test_malformed_override_is_rejected():
-    with pytest.raises(ConfigError, match="not of the form section.key=value"):
+    with pytest.raises(ConfigError, match=r"not of the form section\.key=value"):
         apply_overrides(MINIMAL, ["optim.lr"])
 
 

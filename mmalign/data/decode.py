@@ -83,18 +83,15 @@ def decode_image(data: bytes, max_pixels: int = 25_000_000) -> DecodedImage:
         except UnidentifiedImageError:
             raise SampleError("not_an_image", f"{len(data)} bytes starting {data[:8]!r}") from None
         except (OSError, SyntaxError, ValueError) as error:
-            raise SampleError("corrupt_image", str(error)) from None
+            raise SampleError(_failure_reason(error), str(error)) from None
 
         width, height = image.size
         if width * height > max_pixels:
             raise SampleError("too_many_pixels", f"{width}x{height} exceeds the cap of {max_pixels} pixels")
         try:
             image.load()
-        except OSError as error:
-            reason = "truncated_image" if "truncated" in str(error) else "corrupt_image"
-            raise SampleError(reason, str(error)) from None
-        except (SyntaxError, ValueError, EOFError) as error:
-            raise SampleError("corrupt_image", str(error)) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise SampleError(_failure_reason(error), str(error)) from None
 
     source_mode, source_format = image.mode, image.format
     rotated = False
@@ -107,6 +104,11 @@ def decode_image(data: bytes, max_pixels: int = 25_000_000) -> DecodedImage:
         # NOTE: broken EXIF blocks are ignored, so the stored pixel order is used
         pass
     return DecodedImage(to_rgb(image), source_mode, source_format, rotated)
+
+
+def _failure_reason(error: Exception) -> str:
+    # Pillow reports a short file as OSError("image file is truncated ...") or "Truncated File Read"
+    return "truncated_image" if "truncated" in str(error).lower() else "corrupt_image"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
