@@ -26,7 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 logger = logging.getLogger("mmalign.train")
 
@@ -146,3 +149,101 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+
+
+# DeepSpeed and FSDP shard the model and optimizer state across processes;
+# their checkpoints are written by Accelerate's own save_state into engine/.
+SHARDED_ENGINES = (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    data_state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    accelerator: Accelerator,
+    report: dict[str, Any],
+    keep: int,
+) -> None:
+    """Write checkpoints/step-N atomically; every process must call this at the same step."""
+    staging = staging_dir(run_dir, step)
+    data_states = gather_object([data_state])
+    rng_tensors, rng_values = rng_state()
+    rng_values_all = gather_object([rng_values])
+    if accelerator.is_main_process:
+        staging.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    save_file_tensors(staging / f"rng-rank-{accelerator.process_index}.safetensors", rng_tensors)
+    state = {
+        "step": step,
+        "world_size": accelerator.num_processes,
+        "scheduler": scheduler.state_dict(),
+        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        "data": data_states,
+        "data_report": report,
+        "rng": rng_values_all,
+    }
+    if accelerator.distributed_type in SHARDED_ENGINES:
+        # NOTE: this path follows Accelerate's documentation but has not been run here (no GPU)
+        accelerator.save_state(str(staging / "engine"), safe_serialization=True)
+    elif accelerator.is_main_process:
+        save_model_state(staging / "model.safetensors", accelerator.unwrap_model(model).state_dict())
+        tensors, state["optimizer"] = optimizer_to_files(optimizer.state_dict())
+        save_file_tensors(staging / "optimizer.safetensors", tensors)
+    if accelerator.is_main_process:
+        # written last: a staging folder with this file is complete
+        write_json(staging / STATE_FILE, state)
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        logger.info("saved checkpoint %s", commit(run_dir, step, keep))
+    accelerator.wait_for_everyone()
+
+
+def restore_checkpoint(
+    checkpoint: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    accelerator: Accelerator,
+    loader_workers: int,
+) -> tuple[int, dict[str, Any] | None, dict[str, Any]]:
+    """Load a checkpoint into model, optimizer and scheduler.
+
+    Returns the step, this process's data stream state (None when the number of
+    processes or loader workers changed, so the streams cannot be placed exactly)
+    and the data report saved with the checkpoint.
+    """
+    state = read_state(checkpoint)
+    if (checkpoint / "engine").is_dir():
+        accelerator.load_state(str(checkpoint / "engine"))
+    else:
+        accelerator.unwrap_model(model).load_state_dict(load_tensors(checkpoint / "model.safetensors"))
+        tensors = load_tensors(checkpoint / "optimizer.safetensors")
+        optimizer.load_state_dict(optimizer_from_files(tensors, state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+
+    rank = accelerator.process_index
+    saved_workers = {len(item["workers"]) for item in state["data"] if item["batches"]}
+    same_layout = state["world_size"] == accelerator.num_processes and saved_workers <= {max(1, loader_workers)}
+    data_state = None
+    if same_layout:
+        restore_rng(load_tensors(checkpoint / f"rng-rank-{rank}.safetensors"), state["rng"][rank])
+        data_state = state["data"][rank]
+    else:
+        logger.warning(
+            "%s was written by %d processes with %s loader workers each, now %d with %d: the model and optimizer "
+            "resume exactly, but the data streams start again from the first pass",
+            checkpoint,
+            state["world_size"],
+            "/".join(str(count) for count in sorted(saved_workers)) or "?",
+            accelerator.num_processes,
+            max(1, loader_workers),
+        )
+    logger.info("resumed from %s at step %d", checkpoint, state["step"])
+    return state["step"], data_state, state.get("data_report", {})

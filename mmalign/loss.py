@@ -13,6 +13,11 @@ from torch import nn
 from mmalign.distributed import gather_with_grad, rank_and_world
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Upcast half-precision tensors to float32; leave float32 and float64 as they are."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 class InfoNCELoss(nn.Module):
     """Symmetric InfoNCE (the CLIP loss) over the global batch.
 
@@ -38,9 +43,9 @@ class InfoNCELoss(nn.Module):
         rank, _ = rank_and_world()
         batch = image_emb.shape[0]
 
-        # normalise in float32, whatever the towers ran in
-        image_emb = F.normalize(image_emb.float(), dim=-1)  # (B, D)
-        text_emb = F.normalize(text_emb.float(), dim=-1)  # (B, D)
+        # normalise in at least float32, whatever the towers ran in
+        image_emb = F.normalize(at_least_float32(image_emb), dim=-1)  # (B, D)
+        text_emb = F.normalize(at_least_float32(text_emb), dim=-1)  # (B, D)
 
         # candidates: every process's embeddings, in rank order
         all_image_emb = gather_with_grad(image_emb)  # (G, D)

@@ -32,9 +32,10 @@ from mmalign.data.reader import DataError, FieldSpec, ShardError, check_urls
 from mmalign.data.report import DataReport
 from mmalign.data.schema import check_schema
 from mmalign.data.stream import StreamSettings, TrainStream, describe_split
+from mmalign.distributed import create_accelerator
 from mmalign.evaluate import evaluate_model, format_table
 from mmalign.logs import configure_logging
-from mmalign.loss import InfoNCELoss
+from mmalign.loss import InfoNCELoss, at_least_float32
 from mmalign.model import (
     clamp_logit_scale,
     create_model,
@@ -43,6 +44,7 @@ from mmalign.model import (
     save_model,
     set_train_mode,
 )
+from mmalign.monitor import Monitor
 from mmalign.optim import create_optimizer, create_scheduler
 
 logger = get_logger("mmalign.train")
@@ -59,9 +61,11 @@ class Progress:
     step: int = 0
     batches: int = 0
     workers: dict[str, dict[str, int]] = field(default_factory=dict)
+    shards: set[str] = field(default_factory=set)
 
     def record(self, info: dict[str, Any]) -> None:
         self.batches += 1
+        self.shards.update(info.get("shards", []))
         self.workers[str(info["worker"])] = {
             "pass": info["pass"],
             "position": info["position"],
@@ -70,26 +74,6 @@ class Progress:
 
     def data_state(self) -> dict[str, Any]:
         return {"batches": self.batches, "workers": self.workers}
-
-
-@dataclass
-class PassTracker:
-    """Sums the per-stream pass summaries until every stream has finished a pass."""
-
-    num_streams: int
-    passes: dict[int, dict[str, int]] = field(default_factory=dict)
-
-    def add(self, summaries: list[dict[str, int]]) -> list[dict[str, int]]:
-        """Add stream summaries; return the passes that every stream has now finished."""
-        finished = []
-        for summary in summaries:
-            total = self.passes.setdefault(summary["pass"], {"streams": 0, "distinct": 0, "repeated": 0})
-            total["streams"] += 1
-            total["distinct"] += summary["distinct"]
-            total["repeated"] += summary["repeated"]
-            if total["streams"] == self.num_streams:
-                finished.append({"pass": summary["pass"], **self.passes.pop(summary["pass"])})
-        return finished
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -117,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def create_accelerator(config: Config, run_dir: Path) -> Accelerator:
-    return Accelerator(
+def create_run_accelerator(config: Config, run_dir: Path) -> Accelerator:
+    return create_accelerator(
         mixed_precision=config.train.mixed_precision,
         log_with="tensorboard" if config.train.tensorboard else None,
         project_dir=str(run_dir),
@@ -234,9 +218,9 @@ def train_step(
     # 1. embed every micro-batch without gradients
     with torch.no_grad(), accelerator.autocast():
         outputs = [model(batch["image"], batch["text"])[:3] for batch in micro_batches]
-    image_emb = torch.cat([out[0] for out in outputs]).float().requires_grad_()  # (k*B, D)
-    text_emb = torch.cat([out[1] for out in outputs]).float().requires_grad_()  # (k*B, D)
-    logit_scale = outputs[0][2].detach().float().requires_grad_()
+    image_emb = at_least_float32(torch.cat([out[0] for out in outputs])).requires_grad_()  # (k*B, D)
+    text_emb = at_least_float32(torch.cat([out[1] for out in outputs])).requires_grad_()  # (k*B, D)
+    logit_scale = at_least_float32(outputs[0][2].detach()).requires_grad_()
 
     # 2. the loss of the whole effective batch, differentiated to the embeddings only
     loss = loss_fn(image_emb, text_emb, logit_scale)
@@ -247,14 +231,14 @@ def train_step(
     for index, batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         rows = slice(index * size, (index + 1) * size)
-        with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
-            image_out, text_out, scale_out = model(batch["image"], batch["text"])[:3]
-            surrogate = (image_out.float() * image_emb.grad[rows]).sum() + (
-                text_out.float() * text_emb.grad[rows]
-            ).sum()
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                image_out, text_out, scale_out = model(batch["image"], batch["text"])[:3]
+            surrogate = (at_least_float32(image_out) * image_emb.grad[rows]).sum()
+            surrogate = surrogate + (at_least_float32(text_out) * text_emb.grad[rows]).sum()
             if last:
-                surrogate = surrogate + scale_out.float() * logit_scale.grad
-        accelerator.backward(surrogate)
+                surrogate = surrogate + at_least_float32(scale_out) * logit_scale.grad
+            accelerator.backward(surrogate)
     return loss.detach()
 
 
@@ -291,82 +275,6 @@ def next_micro_batches(
     return taken, infos
 
 
-def save_checkpoint(
-    run_dir: Path,
-    progress: Progress,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    accelerator: Accelerator,
-    report: DataReport,
-    keep: int,
-) -> None:
-    """Write checkpoints/step-N atomically (every process takes part)."""
-    staging = ckpt.staging_dir(run_dir, progress.step)
-    data_states = gather_object([progress.data_state()])
-    rng_tensors, rng_values = ckpt.rng_state()
-    rng_values_all = gather_object([rng_values])
-    if accelerator.is_main_process:
-        staging.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    ckpt.save_file_tensors(staging / f"rng-rank-{accelerator.process_index}.safetensors", rng_tensors)
-    if accelerator.is_main_process:
-        ckpt.save_model_state(staging / "model.safetensors", accelerator.unwrap_model(model).state_dict())
-        tensors, optimizer_meta = ckpt.optimizer_to_files(optimizer.state_dict())
-        ckpt.save_file_tensors(staging / "optimizer.safetensors", tensors)
-        state = {
-            "step": progress.step,
-            "world_size": accelerator.num_processes,
-            "optimizer": optimizer_meta,
-            "scheduler": scheduler.state_dict(),
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            "data": data_states,
-            "data_report": report.to_dict(),
-            "rng": rng_values_all,
-        }
-        ckpt.write_json(staging / ckpt.STATE_FILE, state)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        path = ckpt.commit(run_dir, progress.step, keep)
-        logger.info("saved checkpoint %s", path)
-    accelerator.wait_for_everyone()
-
-
-def restore_checkpoint(
-    checkpoint: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    accelerator: Accelerator,
-    workers: int,
-) -> tuple[int, dict[str, Any] | None, DataReport]:
-    """Load a checkpoint into the model and optimizer; return the step, this process's data state and the report."""
-    state = ckpt.read_state(checkpoint)
-    accelerator.unwrap_model(model).load_state_dict(ckpt.load_tensors(checkpoint / "model.safetensors"))
-    tensors = ckpt.load_tensors(checkpoint / "optimizer.safetensors")
-    optimizer.load_state_dict(ckpt.optimizer_from_files(tensors, state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler") and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    rank = accelerator.process_index
-    data_state = None
-    same_layout = state["world_size"] == accelerator.num_processes
-    same_layout = same_layout and all(len(item["workers"]) <= max(1, workers) for item in state["data"])
-    rng_file = checkpoint / f"rng-rank-{rank}.safetensors"
-    if same_layout and rng_file.is_file():
-        ckpt.restore_rng(ckpt.load_tensors(rng_file), state["rng"][rank])
-        data_state = state["data"][rank]
-    else:
-        logger.warning(
-            "checkpoint %s was written by %d processes; the data streams restart from the first pass",
-            checkpoint,
-            state["world_size"],
-        )
-    report = DataReport.from_dict(state.get("data_report", {}))
-    logger.info("resumed from %s at step %d", checkpoint, state["step"])
-    return state["step"], data_state, report
-
-
 def train(config: Config) -> Path:
     """Train a model as ``config`` says; return the run directory.
 
@@ -380,7 +288,7 @@ def train(config: Config) -> Path:
         check_urls(config.eval.shards, "eval.shards")
 
     run_dir = Path(config.run.output_dir) / config.run.name
-    accelerator = create_accelerator(config, run_dir)
+    accelerator = create_run_accelerator(config, run_dir)
     run_dir, checkpoint = prepare_run_dir(config, accelerator)
 
     set_seed(config.run.seed)
@@ -394,9 +302,10 @@ def train(config: Config) -> Path:
 
     start_step, data_state, report = 0, None, DataReport(warn_every=config.data.warn_every)
     if checkpoint is not None:
-        start_step, data_state, report = restore_checkpoint(
+        start_step, data_state, saved_report = ckpt.restore_checkpoint(
             checkpoint, model, optimizer, scheduler, accelerator, config.data.workers
         )
+        report = DataReport.from_dict(saved_report, warn_every=config.data.warn_every)
     loader = create_loader(config, accelerator, urls, accelerator.unwrap_model(model), data_state)
     log_run_start(config, accelerator, model, total_steps, start_step)
     if config.train.tensorboard:
@@ -407,7 +316,7 @@ def train(config: Config) -> Path:
         progress.batches = data_state["batches"]
         progress.workers = data_state["workers"]
     run_loop(config, accelerator, run_dir, model, optimizer, scheduler, loader, progress, report, total_steps)
-    finish(config, accelerator, run_dir, model, report)
+    finish(config, accelerator, run_dir, model, report, progress)
     return run_dir
 
 
@@ -484,127 +393,36 @@ def run_loop(
         grad_norm = optimizer_step(model, optimizer, scheduler, config, accelerator)
         progress.step += 1
         bar.update(1)
-        monitor.record(
-            progress, infos, global_loss, grad_norm, compute_start - wait_start, time.perf_counter() - compute_start
-        )
+        monitor.record(infos, global_loss, grad_norm, compute_start - wait_start, time.perf_counter() - compute_start)
         if progress.step % config.train.log_every == 0 or progress.step == total_steps:
             monitor.log(progress.step, accelerator.unwrap_model(model), scheduler.get_last_lr()[0])
         if progress.step % config.train.checkpoint_every == 0 or progress.step == total_steps:
-            save_checkpoint(
+            ckpt.save_checkpoint(
                 run_dir,
-                progress,
+                progress.step,
+                progress.data_state(),
                 model,
                 optimizer,
                 scheduler,
                 accelerator,
-                monitor.report,
+                monitor.report.to_dict(),
                 config.train.keep_checkpoints,
             )
     bar.close()
 
 
-class Monitor:
-    """Per-interval metrics: loss, logit scale, learning rate, gradient norm, throughput and data health."""
-
-    def __init__(self, config: Config, accelerator: Accelerator, run_dir: Path, report: DataReport) -> None:
-        self.config = config
-        self.accelerator = accelerator
-        self.metrics_path = run_dir / "metrics.jsonl"
-        self.report = report
-        self.local_delta = DataReport()
-        self.passes = PassTracker(accelerator.num_processes * max(1, config.data.workers))
-        self.pass_summaries: list[dict[str, int]] = []
-        self.reset_interval()
-
-    def reset_interval(self) -> None:
-        self.losses: list[float] = []
-        self.grad_norms: list[float] = []
-        self.wait_s = 0.0
-        self.compute_s = 0.0
-        self.samples = 0
-
-    def record(
-        self,
-        progress: Progress,
-        infos: list[dict[str, Any]],
-        loss: float,
-        grad_norm: float,
-        wait: float,
-        compute: float,
-    ) -> None:
-        self.losses.append(loss)
-        self.grad_norms.append(grad_norm)
-        self.wait_s += wait
-        self.compute_s += compute
-        for info in infos:
-            self.local_delta.add(info["report"])
-            self.pass_summaries.extend(info["passes_done"])
-        global_batch = self.config.train.batch_size * self.config.train.accumulation_steps
-        self.samples += global_batch * self.accelerator.num_processes
-
-    def log(self, step: int, model: nn.Module, lr: float) -> None:
-        """Combine the interval's data reports over processes, check them, and write one metrics record."""
-        deltas = gather_object([(self.local_delta.delta(DataReport()), self.pass_summaries)])
-        for delta, summaries in deltas:
-            self.report.add(delta)
-            for finished in self.passes.add(summaries):
-                logger.info(
-                    "pass %d over the data finished: %d distinct samples, %d repeated",
-                    finished["pass"],
-                    finished["distinct"],
-                    finished["repeated"],
-                )
-                self.write({"event": "pass_done", "step": step, **finished})
-        self.local_delta = DataReport()
-        self.pass_summaries = []
-        self.report.check_fraction(self.config.data.max_skip_fraction, self.config.data.skip_check_after)
-
-        elapsed = self.wait_s + self.compute_s
-        wait_fraction = self.wait_s / elapsed if elapsed else 0.0
-        metrics = {
-            "step": step,
-            "train/loss": sum(self.losses) / len(self.losses),
-            "train/logit_scale": float(model.logit_scale.detach().exp()),
-            "train/lr": lr,
-            "train/grad_norm": sum(self.grad_norms) / len(self.grad_norms),
-            "data/samples_per_s": self.samples / elapsed if elapsed else 0.0,
-            "data/wait_fraction": wait_fraction,
-            "data/read": self.report.read,
-            "data/skipped": self.report.total_skipped,
-        }
-        logger.info(
-            "step %d  loss %.4f  logit_scale %.2f  lr %.2e  grad_norm %.3f  %.0f samples/s  data wait %.0f%%",
-            step,
-            metrics["train/loss"],
-            metrics["train/logit_scale"],
-            lr,
-            metrics["train/grad_norm"],
-            metrics["data/samples_per_s"],
-            100 * wait_fraction,
-        )
-        if wait_fraction > self.config.train.data_wait_warn_fraction:
-            logger.warning(
-                "the data loader is the bottleneck: %.0f%% of the last interval was spent waiting for batches; "
-                "raise data.workers (now %d) if there are idle CPU cores, or store smaller images",
-                100 * wait_fraction,
-                self.config.data.workers,
-            )
-        self.write(metrics)
-        self.accelerator.log({key: value for key, value in metrics.items() if key != "step"}, step=step)
-        self.reset_interval()
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.accelerator.is_main_process:
-            with self.metrics_path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-
-def finish(config: Config, accelerator: Accelerator, run_dir: Path, model: nn.Module, report: DataReport) -> None:
+def finish(
+    config: Config, accelerator: Accelerator, run_dir: Path, model: nn.Module, report: DataReport, progress: Progress
+) -> None:
     """Save the final model and data report, then evaluate on the held-out shards."""
     unwrapped = accelerator.unwrap_model(model)
+    processes = gather_object(
+        [{"rank": accelerator.process_index, "batches": progress.batches, "shards": sorted(progress.shards)}]
+    )
     if accelerator.is_main_process:
         save_model(unwrapped, run_dir, extra={"trained_steps": budget_steps(config, accelerator.num_processes)})
-        ckpt.write_json(run_dir / "data_report.json", report.to_dict())
+        # shards are those this run's batches came from (after a resume, since the resume)
+        ckpt.write_json(run_dir / "data_report.json", {**report.to_dict(), "processes": processes})
         logger.info("data: %s", report.summary())
         logger.info("saved the final model to %s (model.safetensors, open_clip_config.json)", run_dir)
     accelerator.wait_for_everyone()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmalign.data.decode import split_captions
-from mmalign.evaluate import chance_hit, retrieval_metrics, zeroshot_metrics
+from mmalign.metrics import chance_hit, retrieval_metrics, zeroshot_metrics
 
 CASES = Path(__file__).resolve().parents[1] / "tests" / "cases"
 

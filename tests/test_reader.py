@@ -145,3 +145,35 @@ def test_pipe_url_streams_a_shard(tmp_path):
         item for item in iter_shard(f"pipe:cat {tmp_path / 'p.tar'}", FieldSpec()) if isinstance(item, RawSample)
     ]
     assert [sample.key for sample in samples] == ["a"]
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """Serve tmp_path over HTTP on the loopback interface."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_http_and_pipe_curl_urls_stream_shards(http_folder):
+    folder, base = http_folder
+    write_tar(folder / "web-0.tar", [("a.jpg", b"1"), ("a.txt", b"one"), ("b.jpg", b"2"), ("b.txt", b"two")])
+    write_tar(folder / "web-1.tar", [("c.jpg", b"3"), ("c.txt", b"three")])
+    keys = usable_keys(f"{base}/web-{{0..1}}.tar", FieldSpec())
+    assert keys == ["a", "b", "c"]
+    keys = usable_keys(f"pipe:curl -s -f {base}/web-0.tar", FieldSpec())
+    assert keys == ["a", "b"]
+
+
+def test_http_shard_that_does_not_exist_is_an_error(http_folder):
+    _, base = http_folder
+    with pytest.raises(ShardError):
+        list(iter_shard(f"{base}/missing.tar", FieldSpec()))

@@ -1,0 +1,314 @@
+"""Compare CPU training throughput and peak memory of mmalign and OpenCLIP's trainer.
+
+/tmp/venv_probe/bin/python benchmarks/vs_openclip.py --openclip-python /tmp/venv_openclip/bin/python \
+    --steps 200 --batch-size 128 --precision fp32 --workers 1 --out results.json
+
+Run it from the repository root with the Python of an environment that has mmalign and psutil.
+OpenCLIP's trainer (``python -m open_clip_train.main``, shipped in the open_clip_torch wheel) needs
+``webdataset<=0.2.86``, so it runs from its own environment:
+
+    python3 -m venv /tmp/venv_openclip
+    /tmp/venv_openclip/bin/pip install torch==2.14.1 torchvision==0.29.1 open_clip_torch==3.3.0 \
+        'webdataset<=0.2.86' pandas
+
+Both trainers run one after the other, on the CPU only, from random initialisation, with the same
+architecture (copied into OpenCLIP's model_configs folder), shards, batch size, precision, number of
+steps, loader workers, seed, AdamW settings, linear warmup then cosine decay, and gradient clipping.
+
+Throughput is the steady-state rate: the script stamps each training log line as it arrives and
+divides the samples trained between the first log line at or after ``--warm-fraction`` of the steps
+and the last one by the wall time between them, so start-up, worker start and shuffle-buffer filling
+are left out, and the same clock measures both trainers. The rate each trainer reports itself over
+the same steps is stored as well. Peak memory is the maximum, over polls every 0.2 s, of the RSS
+(and PSS) summed over the trainer process and its descendants (the loader workers). Summed RSS
+counts the pages that forked workers share once per process; PSS splits them between processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+MIB = 2**20
+VERSIONS_SNIPPET = (
+    "import json, sys, torch, open_clip, webdataset\n"
+    "print(json.dumps({'python': sys.version.split()[0], 'torch': torch.__version__,"
+    " 'open_clip': open_clip.__version__, 'webdataset': webdataset.__version__,"
+    " 'torch_threads': torch.get_num_threads()}))"
+)
+# OpenCLIP's trainer finds architectures only in the model_configs folder of its own package
+MODEL_CONFIG_DIR_SNIPPET = "import open_clip, pathlib; print(pathlib.Path(open_clip.__file__).parent / 'model_configs')"
+MMALIGN_STEP_LINE = re.compile(r"mmalign\.train: step (\d+)\s+loss ([\d.]+)")
+OPENCLIP_STEP_LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+.*?Batch \(t\): ([\d.]+).*?Contrastive_loss: \S+ \(([\d.]+)\)")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--openclip-python", required=True, help="Python of the environment with open_clip_torch")
+    parser.add_argument("--mmalign-python", default=sys.executable, help="Python of the environment with mmalign")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps of each run")
+    parser.add_argument("--batch-size", type=int, default=128, help="image-text pairs per step")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 is autocast")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, help="linear warmup steps (default: a tenth of --steps)")
+    parser.add_argument("--log-every", type=int, help="steps between log lines (default: a twentieth of --steps)")
+    parser.add_argument("--warm-fraction", type=float, default=0.2, help="share of steps left out as warm-up")
+    parser.add_argument("--model", default="mm-tiny", help="architecture in mmalign/configs/models")
+    parser.add_argument("--shards", default="shards/train-{000..007}.tar", help="training shards, brace pattern")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds after which a run is killed")
+    parser.add_argument("--work-dir", help="folder for run outputs and logs (default: a new folder in /tmp)")
+    parser.add_argument("--out", default="results.json", help="JSON file for the results")
+    args = parser.parse_args()
+    args.warmup = args.steps // 10 if args.warmup is None else args.warmup
+    args.log_every = max(1, args.steps // 20) if args.log_every is None else args.log_every
+    # OpenCLIP rounds its batch count up to a multiple of the workers, so other step counts would differ
+    if args.steps % max(1, args.workers):
+        parser.error(f"--steps {args.steps} must be a multiple of --workers {args.workers}")
+    if not 0 <= args.warm_fraction < 1:
+        parser.error(f"--warm-fraction {args.warm_fraction} must be in [0, 1)")
+    return args
+
+
+def mmalign_command(args: argparse.Namespace, work_dir: Path) -> list[str]:
+    overrides = {
+        "run.output_dir": str(work_dir / "mmalign"),
+        "run.name": "bench",
+        "run.seed": args.seed,
+        "model.name": args.model,
+        "model.freeze_text": "false",  # the default config freezes the text tower
+        "data.train_shards": args.shards,
+        "data.caption_key": "txt",
+        "data.workers": args.workers,
+        "train.steps": args.steps,
+        "train.batch_size": args.batch_size,
+        "train.mixed_precision": "bf16" if args.precision == "bf16" else "no",
+        "train.log_every": args.log_every,
+        "train.checkpoint_every": args.steps,
+        "optim.lr": args.lr,
+        "optim.warmup_steps": args.warmup,
+        "optim.schedule": "cosine",
+        "optim.weight_decay": 0.1,
+        "optim.betas": "[0.9,0.98]",
+        "optim.eps": 1e-6,
+        "optim.grad_clip": 1.0,
+        "eval.shards": "null",
+    }
+    return [args.mmalign_python, "-m", "mmalign.cli", "train", *(f"{key}={value}" for key, value in overrides.items())]
+
+
+def openclip_command(args: argparse.Namespace, work_dir: Path) -> list[str]:
+    # Betas and eps are given because OpenCLIP picks them from the model name and
+    # only names containing "vit" get (0.9, 0.98) and 1e-6.
+    flags = {
+        "--model": args.model,
+        "--train-data": args.shards,
+        "--dataset-type": "webdataset",
+        "--train-num-samples": args.steps * args.batch_size,
+        "--batch-size": args.batch_size,
+        "--epochs": 1,
+        "--workers": args.workers,
+        "--precision": "amp_bf16" if args.precision == "bf16" else "fp32",
+        "--device": "cpu",
+        "--lr": args.lr,
+        "--warmup": args.warmup,
+        "--wd": 0.1,
+        "--beta1": 0.9,
+        "--beta2": 0.98,
+        "--eps": 1e-6,
+        "--grad-clip-norm": 1.0,
+        "--seed": args.seed,
+        "--log-every-n-steps": args.log_every,
+        "--save-frequency": 0,
+        "--logs": str(work_dir / "open_clip"),
+        "--name": "bench",
+    }
+    return [args.openclip_python, "-m", "open_clip_train.main", *(str(item) for pair in flags.items() for item in pair)]
+
+
+def install_model_config(openclip_python: str, model: str) -> Path:
+    """Copy mmalign's architecture JSON into OpenCLIP's model_configs folder unless it is there already."""
+    source = REPO / "mmalign" / "configs" / "models" / f"{model}.json"
+    if not source.is_file():
+        raise SystemExit(f"architecture file not found: {source}; pick --model from mmalign/configs/models")
+    folder = Path(subprocess.check_output([openclip_python, "-c", MODEL_CONFIG_DIR_SNIPPET], text=True).strip())
+    target = folder / source.name
+    if not target.is_file() or target.read_bytes() != source.read_bytes():
+        target.write_bytes(source.read_bytes())
+        print(f"copied {source} to {target}")
+    return target
+
+
+def tree_memory(process: psutil.Process) -> tuple[int, int]:
+    """Return the RSS and PSS in bytes summed over a process and its descendants."""
+    rss = pss = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            info = member.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        rss += info.rss
+        pss += getattr(info, "pss", 0)
+    return rss, pss
+
+
+def run_trainer(name: str, command: list[str], work_dir: Path, timeout: float) -> dict:
+    """Run one trainer; return its exit status, stamped output lines and peak memory."""
+    print(f"\n[{name}] {shlex.join(command)}", flush=True)
+    log_path = work_dir / f"{name}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    lines: list[tuple[float, str]] = []
+    start = time.monotonic()
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
+
+    def read_output() -> None:
+        with log_path.open("w", encoding="utf-8") as log:
+            for line in process.stdout:
+                lines.append((time.monotonic() - start, line))
+                log.write(line)
+
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
+    watched = psutil.Process(process.pid)
+    peak_rss = peak_pss = 0
+    while process.poll() is None:
+        try:
+            rss, pss = tree_memory(watched)
+        except psutil.NoSuchProcess:
+            break
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        if time.monotonic() - start > timeout:
+            for member in [*watched.children(recursive=True), watched]:
+                member.kill()
+            print(f"[{name}] killed after {timeout:.0f} s (--timeout); its output is in {log_path}")
+            break
+        time.sleep(0.2)
+    returncode = process.wait()
+    reader.join()
+    if returncode != 0:
+        raise SystemExit(f"[{name}] failed with exit status {returncode}; its output is in {log_path}")
+    print(f"[{name}] finished in {time.monotonic() - start:.1f} s; output in {log_path}")
+    return {"lines": lines, "peak_rss_mib": peak_rss / MIB, "peak_pss_mib": peak_pss / MIB, "log": str(log_path)}
+
+
+def parse_progress(name: str, lines: list[tuple[float, str]], batch_size: int) -> list[tuple[int, float, float, float]]:
+    """Return (step, arrival seconds, reported seconds per step, loss) for each training log line."""
+    points = []
+    for seconds, line in lines:
+        if name == "mmalign" and (match := MMALIGN_STEP_LINE.search(line)):
+            points.append((int(match[1]), seconds, float("nan"), float(match[2])))
+        elif name == "open_clip" and (match := OPENCLIP_STEP_LINE.search(line)):
+            points.append((int(match[1]) // batch_size, seconds, float(match[2]), float(match[3])))
+    return points
+
+
+def summarize(name: str, run: dict, args: argparse.Namespace, work_dir: Path) -> dict:
+    """Compute the steady-state samples/s, the trainer's own figure for the same steps, and the last loss."""
+    points = parse_progress(name, run["lines"], args.batch_size)
+    first = next((point for point in points if point[0] >= args.warm_fraction * args.steps), None)
+    if first is None or points[-1][0] <= first[0]:
+        raise SystemExit(f"[{name}] fewer than two log lines after the warm-up in {run['log']}: raise --steps")
+    last = points[-1]
+    samples = (last[0] - first[0]) * args.batch_size
+    # Each log line reports the interval since the previous one: OpenCLIP the mean
+    # seconds per step, mmalign (in metrics.jsonl) the samples/s of data wait plus compute.
+    if name == "mmalign":
+        records = (work_dir / "mmalign" / "bench" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        intervals = [json.loads(line) for line in records]
+        intervals = [(item["step"], item["data/samples_per_s"]) for item in intervals if "data/samples_per_s" in item]
+        reported_s = sum(
+            (step - previous) * args.batch_size / rate
+            for (previous, _), (step, rate) in zip(intervals, intervals[1:])
+            if previous >= first[0]
+        )
+    else:
+        reported_s = sum(
+            (step - previous) * per_step
+            for (previous, *_), (step, _, per_step, _) in zip(points, points[1:])
+            if previous >= first[0]
+        )
+    return {
+        "samples_per_s": samples / (last[1] - first[1]),
+        "reported_samples_per_s": samples / reported_s if reported_s else None,
+        "measured_steps": [first[0], last[0]],
+        "peak_rss_mib": run["peak_rss_mib"],
+        "peak_pss_mib": run["peak_pss_mib"],
+        "last_loss": last[3],
+        "log": run["log"],
+    }
+
+
+def environment_versions(python: str, extra: str = "") -> dict:
+    output = subprocess.check_output([python, "-c", VERSIONS_SNIPPET + extra], text=True, cwd=REPO)
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main() -> None:
+    args = parse_args()
+    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="vs_openclip-")).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if any((work_dir / folder).exists() for folder in ("mmalign", "open_clip")):
+        raise SystemExit(f"--work-dir {work_dir} holds an earlier run; pass an empty or new folder")
+    install_model_config(args.openclip_python, args.model)
+    commands = {"mmalign": mmalign_command(args, work_dir), "open_clip": openclip_command(args, work_dir)}
+
+    results = {}
+    for name, command in commands.items():
+        results[name] = summarize(name, run_trainer(name, command, work_dir, args.timeout), args, work_dir)
+
+    mmalign, openclip = results["mmalign"], results["open_clip"]
+    report = {
+        "settings": {key: value for key, value in vars(args).items() if key not in ("out",)},
+        "results": results,
+        "ratio_mmalign_to_open_clip": {
+            "samples_per_s": mmalign["samples_per_s"] / openclip["samples_per_s"],
+            "peak_rss": mmalign["peak_rss_mib"] / openclip["peak_rss_mib"],
+            "peak_pss": mmalign["peak_pss_mib"] / openclip["peak_pss_mib"],
+        },
+        "versions": {
+            "mmalign_env": environment_versions(args.mmalign_python, "\nimport mmalign; print(mmalign.__version__)"),
+            "open_clip_env": environment_versions(args.openclip_python),
+        },
+        "cpu": {"model": cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0))},
+        "commands": {name: shlex.join(command) for name, command in commands.items()},
+        "work_dir": str(work_dir),
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+    print(f"\n{'trainer':<10} {'samples/s':>10} {'reported':>10} {'peak RSS MiB':>13} {'peak PSS MiB':>13} {'loss':>7}")
+    for name, result in results.items():
+        reported = result["reported_samples_per_s"] or float("nan")
+        print(
+            f"{name:<10} {result['samples_per_s']:>10.1f} {reported:>10.1f} {result['peak_rss_mib']:>13.0f}"
+            f" {result['peak_pss_mib']:>13.0f} {result['last_loss']:>7.3f}"
+        )
+    ratio = report["ratio_mmalign_to_open_clip"]
+    print(f"mmalign / open_clip: samples/s x{ratio['samples_per_s']:.2f}, peak RSS x{ratio['peak_rss']:.2f}")
+    print(f"steps {results['mmalign']['measured_steps']} measured; results written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
