@@ -43,16 +43,17 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
+# prints the Python version, torch's intra-op thread count and the version of each module named in argv
 VERSIONS_SNIPPET = (
-    "import json, sys, torch, open_clip, webdataset\n"
-    "print(json.dumps({'python': sys.version.split()[0], 'torch': torch.__version__,"
-    " 'open_clip': open_clip.__version__, 'webdataset': webdataset.__version__,"
-    " 'torch_threads': torch.get_num_threads()}))"
+    "import importlib, json, sys, torch\n"
+    "found = {name: importlib.import_module(name).__version__ for name in sys.argv[1:]}\n"
+    "print(json.dumps({'python': sys.version.split()[0], 'torch_threads': torch.get_num_threads(), **found}))"
 )
+LIBRARIES = ["torch", "open_clip", "webdataset"]
 # OpenCLIP's trainer finds architectures only in the model_configs folder of its own package
 MODEL_CONFIG_DIR_SNIPPET = "import open_clip, pathlib; print(pathlib.Path(open_clip.__file__).parent / 'model_configs')"
-MMALIGN_STEP_LINE = re.compile(r"mmalign\.train: step (\d+)\s+loss ([\d.]+)")
-OPENCLIP_STEP_LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+.*?Batch \(t\): ([\d.]+).*?Contrastive_loss: \S+ \(([\d.]+)\)")
+MMALIGN_STEP_LINE = re.compile(r"mmalign\.train: (?:\[RANK \d+\] )?step (\d+)\s+loss ([\d.]+)")
+OPENCLIP_STEP_LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+.*?Batch \(t\): ([\d.]+).*?Contrastive_loss: ([\d.]+)")
 
 
 def parse_args() -> argparse.Namespace:
@@ -96,7 +97,8 @@ def mmalign_command(args: argparse.Namespace, work_dir: Path) -> list[str]:
         "data.workers": args.workers,
         "train.steps": args.steps,
         "train.batch_size": args.batch_size,
-        "train.mixed_precision": "bf16" if args.precision == "bf16" else "no",
+        # overrides are parsed as YAML, where a bare no is the boolean false
+        "train.mixed_precision": "bf16" if args.precision == "bf16" else '"no"',
         "train.log_every": args.log_every,
         "train.checkpoint_every": args.steps,
         "optim.lr": args.lr,
@@ -195,7 +197,10 @@ def run_trainer(name: str, command: list[str], work_dir: Path, timeout: float) -
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         if time.monotonic() - start > timeout:
             for member in [*watched.children(recursive=True), watched]:
-                member.kill()
+                try:
+                    member.kill()
+                except psutil.NoSuchProcess:
+                    pass
             print(f"[{name}] killed after {timeout:.0f} s (--timeout); its output is in {log_path}")
             break
         time.sleep(0.2)
@@ -208,7 +213,10 @@ def run_trainer(name: str, command: list[str], work_dir: Path, timeout: float) -
 
 
 def parse_progress(name: str, lines: list[tuple[float, str]], batch_size: int) -> list[tuple[int, float, float, float]]:
-    """Return (step, arrival seconds, reported seconds per step, loss) for each training log line."""
+    """Return (step, arrival seconds, reported seconds per step, loss) for each training log line.
+
+    The loss is mmalign's mean over the log interval and OpenCLIP's loss of the logged step.
+    """
     points = []
     for seconds, line in lines:
         if name == "mmalign" and (match := MMALIGN_STEP_LINE.search(line)):
@@ -249,13 +257,13 @@ def summarize(name: str, run: dict, args: argparse.Namespace, work_dir: Path) ->
         "measured_steps": [first[0], last[0]],
         "peak_rss_mib": run["peak_rss_mib"],
         "peak_pss_mib": run["peak_pss_mib"],
-        "last_loss": last[3],
+        "last_logged_loss": last[3],
         "log": run["log"],
     }
 
 
-def environment_versions(python: str, extra: str = "") -> dict:
-    output = subprocess.check_output([python, "-c", VERSIONS_SNIPPET + extra], text=True, cwd=REPO)
+def environment_versions(python: str, modules: list[str]) -> dict:
+    output = subprocess.check_output([python, "-c", VERSIONS_SNIPPET, *modules], text=True, cwd=REPO)
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -289,8 +297,8 @@ def main() -> None:
             "peak_pss": mmalign["peak_pss_mib"] / openclip["peak_pss_mib"],
         },
         "versions": {
-            "mmalign_env": environment_versions(args.mmalign_python, "\nimport mmalign; print(mmalign.__version__)"),
-            "open_clip_env": environment_versions(args.openclip_python),
+            "mmalign_env": environment_versions(args.mmalign_python, [*LIBRARIES, "accelerate", "mmalign"]),
+            "open_clip_env": environment_versions(args.openclip_python, LIBRARIES),
         },
         "cpu": {"model": cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0))},
         "commands": {name: shlex.join(command) for name, command in commands.items()},
@@ -303,7 +311,7 @@ def main() -> None:
         reported = result["reported_samples_per_s"] or float("nan")
         print(
             f"{name:<10} {result['samples_per_s']:>10.1f} {reported:>10.1f} {result['peak_rss_mib']:>13.0f}"
-            f" {result['peak_pss_mib']:>13.0f} {result['last_loss']:>7.3f}"
+            f" {result['peak_pss_mib']:>13.0f} {result['last_logged_loss']:>7.3f}"
         )
     ratio = report["ratio_mmalign_to_open_clip"]
     print(f"mmalign / open_clip: samples/s x{ratio['samples_per_s']:.2f}, peak RSS x{ratio['peak_rss']:.2f}")

@@ -2,26 +2,156 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 USAGE = """usage: mmalign COMMAND [ARGS]
 
 commands:
-  train    train a model:            mmalign train [--config FILE] [key=value ...]
-  eval     score a trained model:    mmalign eval --model RUN_DIR [key=value ...]
+  train            train a model:             mmalign train [--config FILE] [key=value ...]
+  eval             score a trained model:     mmalign eval --model RUN_DIR [key=value ...]
+  shards build     write shards from images:  mmalign shards build INPUT --out DIR
+  shards verify    check every sample:        mmalign shards verify PATTERN [--json]
+  shards inspect   summarise shards:          mmalign shards inspect PATTERN [--sheet FILE.png]
 
 Run `mmalign COMMAND --help` for the options of a command.
 """
 
 
+def add_field_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image-keys", default="jpg,jpeg,png,webp", help="image member suffixes, comma-separated")
+    parser.add_argument("--caption-key", default="txt", help="caption member suffix, or json:FIELD")
+    parser.add_argument("--caption-json-field", help="KEY.json field used when the caption member is missing")
+    parser.add_argument("--max-pixels", type=int, default=25_000_000, help="pixel cap per image")
+
+
+def field_spec(args: argparse.Namespace):
+    from mmalign.data.reader import FieldSpec
+
+    return FieldSpec(
+        image_keys=tuple(key.strip().lower() for key in args.image_keys.split(",") if key.strip()),
+        caption_key=args.caption_key.lower(),
+        caption_json_field=args.caption_json_field,
+    )
+
+
+def shards_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmalign shards", description="Build, verify and inspect WebDataset shards.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", help="write shards from a folder, a table or other shards")
+    build.add_argument("input", help="image folder, .csv/.tsv/.jsonl/.parquet file, or shards (folder or pattern)")
+    build.add_argument("--out", required=True, type=Path, help="output folder")
+    build.add_argument("--format", default="auto", choices=["auto", "folder", "csv", "jsonl", "parquet", "shards"])
+    build.add_argument("--image-column", help="table column with image paths (default: image, path, file, ...)")
+    build.add_argument("--caption-column", help="table column with captions (default: caption, text, ...)")
+    build.add_argument("--prefix", default="shard", help="shard file name prefix (PREFIX-000000.tar)")
+    size = build.add_mutually_exclusive_group()
+    size.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    size.add_argument("--shard-mb", type=float, help="target shard size in megabytes instead of a sample count")
+    build.add_argument(
+        "--resize", default="none", choices=["none", "keep_ratio", "shorter_side", "center_crop"], help="resize mode"
+    )
+    build.add_argument("--max-side", type=int, default=512, help="target side in pixels for --resize")
+    build.add_argument("--image-format", default="keep", choices=["keep", "jpg", "png", "webp"])
+    build.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality when re-encoding")
+    build.add_argument("--dedup", default="none", choices=["none", "image", "pair"], help="drop repeated images/pairs")
+    build.add_argument("--workers", type=int, default=2, help="decoding processes")
+    build.add_argument("--max-pixels", type=int, default=25_000_000, help="pixel cap per image")
+    build.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+
+    verify = commands.add_parser("verify", help="read every sample and report problems (exit 1 if any)")
+    verify.add_argument("shards", help="shard pattern, e.g. shards/train-{000..007}.tar")
+    verify.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_field_options(verify)
+
+    inspect = commands.add_parser("inspect", help="image sizes and modes, caption lengths, a contact sheet")
+    inspect.add_argument("shards", help="shard pattern")
+    inspect.add_argument("--model", default="mm-tiny-minilm", help="architecture whose tokenizer counts caption tokens")
+    inspect.add_argument("--sheet", type=Path, help="write a contact sheet PNG of random samples here")
+    inspect.add_argument("--samples", type=int, default=24, help="samples on the contact sheet")
+    inspect.add_argument("--seed", type=int, default=0)
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    add_field_options(inspect)
+    return parser
+
+
+def shards_main(argv: Sequence[str]) -> int:
+    from mmalign.data.build import BuildError, BuildOptions, build
+    from mmalign.data.reader import DataError, ShardError, check_urls
+
+    args = shards_parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            options = BuildOptions(
+                out=args.out,
+                prefix=args.prefix,
+                shard_size=None if args.shard_mb else args.shard_size,
+                shard_mb=args.shard_mb,
+                resize=args.resize,
+                max_side=args.max_side,
+                image_format=args.image_format,
+                quality=args.quality,
+                dedup=args.dedup,
+                workers=args.workers,
+                overwrite=args.overwrite,
+                max_pixels=args.max_pixels,
+                image_column=args.image_column,
+                caption_column=args.caption_column,
+                input_format=args.format,
+            )
+            stats = build(args.input, options)
+            print(json.dumps({key: value for key, value in stats.items() if key != "options"}, indent=1))
+            return 0
+        urls = check_urls(args.shards, "shards")
+        if args.command == "verify":
+            from mmalign.data.verify import format_verify, verify
+
+            result = verify(urls, field_spec(args), args.max_pixels, progress=not args.json)
+            print(json.dumps(result, indent=1) if args.json else format_verify(result))
+            return 0 if result["ok"] else 1
+        return inspect_command(args, urls)
+    except (BuildError, ShardError, DataError) as error:
+        logging.getLogger("mmalign").error("%s", error)
+        return 2
+
+
+def inspect_command(args: argparse.Namespace, urls: list[str]) -> int:
+    from mmalign.config import ModelConfig
+    from mmalign.data.inspect import contact_sheet, format_inspect, inspect
+    from mmalign.model import create_model, create_tokenizer
+
+    tokenizer = create_tokenizer(create_model(ModelConfig(name=args.model)))
+    fields = field_spec(args)
+    summary, chosen = inspect(
+        urls,
+        fields,
+        tokenizer.token_count,
+        tokenizer.context_length,
+        sheet_samples=args.samples if args.sheet else 0,
+        seed=args.seed,
+        progress=not args.json,
+    )
+    if args.sheet:
+        summary["contact_sheet"] = str(contact_sheet(chosen, fields, args.sheet))
+    print(json.dumps(summary, indent=1) if args.json else format_inspect(summary))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch to a subcommand; return its exit status."""
+    from mmalign.logs import configure_logging
+
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         return 0 if args else 2
     command, rest = args[0], args[1:]
+    configure_logging()
     if command == "train":
         from mmalign.train import main as train_main
 
@@ -30,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mmalign.evaluate import main as eval_main
 
         return eval_main(rest)
+    if command == "shards":
+        return shards_main(rest)
     sys.stderr.write(f"mmalign: unknown command {command!r}\n\n{USAGE}")
     return 2
 

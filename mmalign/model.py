@@ -14,8 +14,10 @@ open_clip reads the same folder: ``open_clip.create_model_and_transforms("local-
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import shutil
@@ -54,6 +56,38 @@ HF_FILES = (
 _PRESENCE_KEYS = ("hf_model_name", "hf_tokenizer_name", "timm_model_name")
 TEXT_PROJECTIONS = ("text_projection", "text.proj.", "text.proj")
 _registered = False
+logger = logging.getLogger("mmalign.model")
+
+
+@contextlib.contextmanager
+def quiet_model_factories(hf_text: bool = False):
+    """Silence open_clip's and transformers' messages while a model is built.
+
+    open_clip logs each factory step on the root logger and warns that no pretrained
+    weights were loaded even when a text tower was; transformers logs a load report
+    about the unused pooler of sentence encoders. mmalign logs what was built instead.
+    """
+    loggers = [logging.getLogger(), logging.getLogger("transformers")]
+    levels = [item.level for item in loggers]
+    for item in loggers:
+        item.setLevel(logging.ERROR)
+    progress_bars = _transformers_progress_bars(False) if hf_text else None
+    try:
+        yield
+    finally:
+        for item, level in zip(loggers, levels, strict=True):
+            item.setLevel(level)
+        if progress_bars is not None:
+            _transformers_progress_bars(progress_bars)
+
+
+def _transformers_progress_bars(enable: bool) -> bool:
+    """Turn transformers' weight-loading progress bars on or off; return whether they were on."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    (transformers_logging.enable_progress_bar if enable else transformers_logging.disable_progress_bar)()
+    return was_enabled
 
 
 def shipped_models_dir() -> Path:
@@ -159,14 +193,21 @@ def create_model(config: ModelConfig) -> nn.Module:
     model_cfg = full_model_config(name)
     hf_folder = resolve_hf_text_model(config.name, model_cfg["text_cfg"])
     text_cfg = dict(model_cfg["text_cfg"], hf_model_pretrained=hf_folder is not None and config.pretrained is None)
-    model = open_clip.create_model(
-        name,
-        pretrained=config.pretrained,
-        init_logit_scale=math.log(config.init_logit_scale),
-        pretrained_text=False,
-        weights_only=True,
-        text_cfg=text_cfg,
-    )
+    with quiet_model_factories(hf_text=hf_folder is not None):
+        model = open_clip.create_model(
+            name,
+            pretrained=config.pretrained,
+            init_logit_scale=math.log(config.init_logit_scale),
+            pretrained_text=False,
+            weights_only=True,
+            text_cfg=text_cfg,
+        )
+    if config.pretrained is not None:
+        logger.info("model %s: weights from %s", name, config.pretrained)
+    elif hf_folder is not None:
+        logger.info("model %s: random image tower; text tower pretrained, from %s", name, hf_folder)
+    else:
+        logger.info("model %s: both towers randomly initialised", name)
     describe_model(model, architecture=name, model_cfg=model_cfg, tokenizer_source=name)
     freeze(model, image=config.freeze_image, text=config.freeze_text, logit_scale=config.freeze_logit_scale)
     if config.grad_checkpointing:
@@ -267,7 +308,8 @@ def create_tokenizer(model: nn.Module) -> TextTokenizer:
             **(text_cfg.get("tokenizer_kwargs") or {}),
         )
     else:
-        tokenizer = open_clip.get_tokenizer(model.mmalign_tokenizer_source)
+        with quiet_model_factories():
+            tokenizer = open_clip.get_tokenizer(model.mmalign_tokenizer_source)
     return TextTokenizer(tokenizer, context_length)
 
 
@@ -345,7 +387,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Mod
         model_cfg["text_cfg"]["hf_model_name"] = model_cfg["text_cfg"]["hf_tokenizer_name"] = str(folder)
         overrides["text_cfg"] = model_cfg["text_cfg"]
     source = f"local-dir:{folder}"
-    model = open_clip.create_model(source, pretrained_text=False, weights_only=True, **overrides)
+    with quiet_model_factories(hf_text=bool(overrides)):
+        model = open_clip.create_model(source, pretrained_text=False, weights_only=True, **overrides)
     architecture = description.get("mmalign", {}).get("architecture", folder.name)
     describe_model(model, architecture=architecture, model_cfg=model_cfg, tokenizer_source=source)
     return model.to(device).eval()

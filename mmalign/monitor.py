@@ -29,10 +29,10 @@ class PassTracker:
         """Add stream summaries; return the passes that every stream has now finished."""
         finished = []
         for summary in summaries:
-            total = self.passes.setdefault(summary["pass"], {"streams": 0, "distinct": 0, "repeated": 0})
+            total = self.passes.setdefault(summary["pass"], {"streams": 0})
             total["streams"] += 1
-            total["distinct"] += summary["distinct"]
-            total["repeated"] += summary["repeated"]
+            for key in ("distinct", "repeated", "read", "usable", "skipped"):
+                total[key] = total.get(key, 0) + summary.get(key, 0)
             if total["streams"] == self.num_streams:
                 finished.append({"pass": summary["pass"], **self.passes.pop(summary["pass"])})
         return finished
@@ -83,10 +83,12 @@ class Monitor:
             self.report.add(delta)
             for finished in self.passes.add(summaries):
                 logger.info(
-                    "pass %d over the data finished: %d distinct samples, %d repeated",
+                    "pass %d over the data finished: %d distinct samples, %d repeated, %d usable, %d skipped",
                     finished["pass"],
                     finished["distinct"],
                     finished["repeated"],
+                    finished["usable"],
+                    finished["skipped"],
                 )
                 self.write({"event": "pass_done", "step": step, **finished})
         self.local_delta = DataReport()

@@ -121,7 +121,7 @@ def test_passes_are_reported_with_distinct_counts(tmp_path):
     settings = settings_for(pattern, shuffle_buffer=3, batch_size=4)
     _, infos = collect_keys(train_loader(settings), 5)
     passes = [summary for info in infos for summary in info["passes_done"]]
-    assert passes[0] == {"pass": 0, "distinct": 8, "repeated": 0}
+    assert passes[0] == {"pass": 0, "distinct": 8, "repeated": 0, "read": 8, "usable": 8, "skipped": 0}
     assert passes[1]["pass"] == 1
 
 

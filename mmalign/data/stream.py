@@ -28,7 +28,6 @@ after a resume are the batches an uninterrupted run would have produced.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -48,6 +47,7 @@ from mmalign.data.reader import (
     iter_shard,
 )
 from mmalign.data.report import DataReport
+from mmalign.data.sample import decode_sample, parse_json
 
 logger = logging.getLogger("mmalign.data")
 
@@ -152,34 +152,6 @@ def shuffled(items: Iterator[RawSample], buffer_size: int, rng: random.Random) -
     yield from buffer
 
 
-def caption_candidates(sample: RawSample, fields: FieldSpec, fallback: str) -> tuple[list[str], list[str]]:
-    """Return the cleaned captions of a sample and the repairs made (see the caption policy)."""
-    json_field = fields.caption_field_in_json
-    if json_field is None and fields.caption_member in sample.fields:
-        return split_captions(sample.fields[fields.caption_member], fallback)
-    json_field = json_field or fields.caption_json_field
-    value = parse_json(sample).get(json_field) if json_field else None
-    if value is None or (isinstance(value, list) and not value):
-        raise SampleError("missing_caption", f"no {fields.caption_key!r} caption and no json field {json_field!r}")
-    repairs = [] if fields.caption_field_in_json else ["caption_from_json"]
-    if isinstance(value, list):
-        captions, more = split_captions([str(item) for item in value], fallback)
-    else:
-        captions, more = split_captions(str(value), fallback)
-    return captions, repairs + more
-
-
-def parse_json(sample: RawSample) -> dict[str, Any]:
-    raw = sample.fields.get("json")
-    if raw is None:
-        return {}
-    try:
-        value = json.loads(raw.decode("utf-8", errors="replace"))
-    except json.JSONDecodeError as error:
-        raise SampleError("bad_json", str(error)) from None
-    return value if isinstance(value, dict) else {}
-
-
 def stream_identity(settings: StreamSettings, rotation: int) -> tuple[int, int, int]:
     """Return (logical worker, stream index, number of streams) for the calling worker process."""
     info = get_worker_info()
@@ -248,8 +220,9 @@ class _StreamRun:
         samples = shuffled(raw, settings.shuffle_buffer, rng)
         # NOTE: one int per sample of the pass; about 60 MB per million samples per stream
         seen: set[int] = set()
-        repeated = 0
+        repeated = usable = 0
         position = 0
+        read_before, skipped_before = self.report.read, self.report.total_skipped
         if skip_to:
             # replay to the checkpointed position; those samples were counted before the checkpoint
             for sample in samples:
@@ -270,17 +243,27 @@ class _StreamRun:
                 self.report.skip(error.reason, sample.url, sample.key, error.detail)
                 self.report.check_fraction(settings.max_skip_fraction, settings.skip_check_after)
                 continue
+            usable += 1
             self.pending.append((image, caption, sample.key, sample.url))
             if len(self.pending) == settings.batch_size:
                 yield self.emit(pass_index, position)
                 batch_rng = self.seed_batch()
-        if not seen:
+        if not usable and not skip_to:
             raise DataError(
                 f"stream {self.stream} of {self.num_streams} found no usable sample in pass {pass_index}: "
                 f"{self.report.summary()}; check the shard pattern and data.image_keys / data.caption_key"
             )
         # samples of an unfinished batch stay pending and open the next pass's first batch
-        self.passes_done.append({"pass": pass_index, "distinct": len(seen), "repeated": repeated})
+        self.passes_done.append(
+            {
+                "pass": pass_index,
+                "distinct": len(seen),
+                "repeated": repeated,
+                "read": self.report.read - read_before,
+                "usable": usable,
+                "skipped": self.report.total_skipped - skipped_before,
+            }
+        )
 
     def seed_batch(self) -> random.Random:
         seed = derive_seed("batch", self.settings.seed, self.stream, self.batches_done)
@@ -288,12 +271,12 @@ class _StreamRun:
         return random.Random(seed)
 
     def dataset_prepare(self, sample: RawSample, rng: random.Random) -> tuple[torch.Tensor, str]:
-        fields = self.settings.fields
-        decoded = decode_image(sample.fields[fields.image_field(sample)], self.settings.max_pixels)
-        captions, repairs = caption_candidates(sample, fields, self.settings.encoding_fallback)
-        self.report.repair(repairs)
+        settings = self.settings
+        decoded = decode_sample(sample, settings.fields, settings.max_pixels, settings.encoding_fallback)
+        self.report.repair(decoded.repairs)
+        captions = decoded.captions
         caption = captions[0] if len(captions) == 1 else rng.choice(captions)
-        return self.dataset.transform(decoded.image), caption
+        return self.dataset.transform(decoded.image.image), caption
 
     def emit(self, pass_index: int, position: int) -> dict[str, Any]:
         images, captions, keys, urls = zip(*self.pending, strict=True)
@@ -366,17 +349,18 @@ class EvalStream(IterableDataset):
             yield self._collate(pending, report.delta(last))
 
     def _prepare(self, sample: RawSample, report: DataReport) -> tuple[torch.Tensor, str, list[str], int]:
-        fields = self.settings.fields
-        decoded = decode_image(sample.fields[fields.image_field(sample)], self.settings.max_pixels)
+        settings = self.settings
         if self.caption_field == "caption":
-            captions, repairs = caption_candidates(sample, fields, self.settings.encoding_fallback)
+            decoded = decode_sample(sample, settings.fields, settings.max_pixels, settings.encoding_fallback)
+            image, captions, repairs = decoded.image, decoded.captions, decoded.repairs
         else:
+            image = decode_image(sample.fields[settings.fields.image_field(sample)], settings.max_pixels)
             value = parse_json(sample).get(self.caption_field)
             if value is None:
                 raise SampleError("missing_caption", f"KEY.json has no field {self.caption_field!r}")
             captions, repairs = split_captions(value if isinstance(value, list) else str(value))
         report.repair(repairs)
-        return self.transform(decoded.image), sample.key, captions, self._label(sample)
+        return self.transform(image.image), sample.key, captions, self._label(sample)
 
     def _label(self, sample: RawSample) -> int:
         if self.labels is not None:

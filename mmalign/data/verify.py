@@ -1,0 +1,197 @@
+"""``mmalign shards verify``: read every sample of a set of shards and report what is wrong.
+
+Each shard is read in order on its own, with the same decoder and caption
+policy as training, so the counts here are the counts a training pass gets:
+for every shard, readable pairs + skipped samples = samples read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from mmalign.data.decode import SampleError
+from mmalign.data.reader import FieldSpec, RawSample, ShardEnd, ShardError, ShardTruncated, iter_shard, local_path
+from mmalign.data.report import DataReport, format_counts
+from mmalign.data.sample import decode_sample
+
+MANIFEST = "_manifest.json"
+
+
+@dataclass
+class ShardResult:
+    """What one shard held."""
+
+    url: str
+    samples: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    error: str | None = None
+    truncated_at: str | None = None
+    first_key: str | None = None
+    last_key: str | None = None
+    first_incomplete: bool = False
+    last_incomplete: bool = False
+    lost_keys: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"shard": self.url, "samples": self.samples, "skipped_by_reason": dict(self.skipped)}
+        if self.error:
+            data["error"] = self.error
+        if self.truncated_at is not None:
+            data["truncated_at"] = self.truncated_at
+            data["lost_keys"] = self.lost_keys
+        return data
+
+
+def verify_shard(url: str, fields: FieldSpec, max_pixels: int, report: DataReport, keys: Counter) -> ShardResult:
+    """Read and decode every sample of one shard, counting into ``report`` and ``keys``."""
+    result = ShardResult(url)
+    samples: list[RawSample] = []
+    try:
+        for item in iter_shard(url, fields):
+            if isinstance(item, ShardEnd):
+                break
+            report.read += 1
+            if isinstance(item, ShardTruncated):
+                result.truncated_at = item.key
+                result.skipped["truncated_shard"] += 1
+                report.skipped["truncated_shard"] += 1
+                report.truncated_shards.append(
+                    {"shard": url, "key": item.key, "complete_samples": item.complete_samples}
+                )
+                break
+            samples.append(item)
+            keys[item.key] += 1
+            try:
+                decoded = decode_sample(item, fields, max_pixels)
+            except SampleError as error:
+                result.skipped[error.reason] += 1
+                report.skipped[error.reason] += 1
+                continue
+            report.repair(decoded.repairs)
+            report.used += 1
+            result.samples += 1
+    except ShardError as error:
+        result.error = str(error)
+    if samples:
+        result.first_key, result.last_key = samples[0].key, samples[-1].key
+        result.first_incomplete = not _complete(samples[0], fields)
+        result.last_incomplete = not _complete(samples[-1], fields)
+    return result
+
+
+def _complete(sample: RawSample, fields: FieldSpec) -> bool:
+    return fields.image_field(sample) is not None and fields.has_caption(sample)
+
+
+def infer_lost_keys(results: list[ShardResult], manifests: dict[str, dict[str, Any]]) -> None:
+    """Fill in ``lost_keys`` of truncated shards from a build manifest or the key numbering.
+
+    With a manifest written by ``mmalign shards build`` the count is exact. Without
+    one, img2dataset-style numeric keys are assumed to run on without gaps into
+    the next shard, so the lost keys are those between the break and the next
+    shard's first key; otherwise only the key where the shard broke is known.
+    """
+    for index, result in enumerate(results):
+        if result.truncated_at is None:
+            continue
+        entry = manifests.get(Path(local_path(result.url)).name)
+        following = results[index + 1].first_key if index + 1 < len(results) else None
+        key = result.truncated_at
+        if entry and key.isdigit() and str(entry.get("last_key", "")).isdigit():
+            last = int(entry["last_key"])
+            result.lost_keys = [f"{number:0{len(key)}d}" for number in range(int(key), last + 1)]
+        elif following and key.isdigit() and following.isdigit() and len(following) == len(key):
+            result.lost_keys = [f"{number:0{len(key)}d}" for number in range(int(key), int(following))]
+        else:
+            result.lost_keys = [key]
+
+
+def read_manifests(urls: list[str]) -> dict[str, dict[str, Any]]:
+    """Return the per-shard entries of any build manifests next to local shards, by shard file name."""
+    entries: dict[str, dict[str, Any]] = {}
+    folders = {Path(local_path(url)).parent for url in urls if "://" not in url and not url.startswith("pipe:")}
+    for folder in folders:
+        path = folder / MANIFEST
+        if path.is_file():
+            for entry in json.loads(path.read_text(encoding="utf-8")).get("shards", []):
+                entries[entry["name"]] = entry
+    return entries
+
+
+def verify(urls: list[str], fields: FieldSpec, max_pixels: int = 25_000_000, progress: bool = True) -> dict[str, Any]:
+    """Verify shards; return the report that ``mmalign shards verify --json`` prints."""
+    report = DataReport()
+    keys: Counter = Counter()
+    results = [
+        verify_shard(url, fields, max_pixels, report, keys)
+        for url in tqdm(urls, desc="verify", unit="shard", disable=not progress)
+    ]
+    infer_lost_keys(results, read_manifests(urls))
+    split_keys = [
+        {"key": left.last_key, "shards": [left.url, right.url]}
+        for left, right in itertools.pairwise(results)
+        if left.last_key is not None
+        and left.last_key == right.first_key
+        and (left.last_incomplete or right.first_incomplete)
+    ]
+    duplicates = {key: count for key, count in keys.items() if count > 1}
+    unreadable = [{"shard": result.url, "error": result.error} for result in results if result.error]
+    truncated = [
+        {"shard": result.url, "key": result.truncated_at, "lost_keys": result.lost_keys}
+        for result in results
+        if result.truncated_at is not None
+    ]
+    ok = not (report.total_skipped or unreadable or truncated or duplicates or split_keys)
+    return {
+        "ok": ok,
+        "shards": len(urls),
+        "samples": report.used,
+        "read": report.read,
+        "skipped": report.total_skipped,
+        "skipped_by_reason": dict(sorted(report.skipped.items())),
+        "repaired_by_kind": dict(sorted(report.repaired.items())),
+        "unreadable_shards": unreadable,
+        "truncated_shards": truncated,
+        "duplicate_keys": {"count": len(duplicates), "examples": sorted(duplicates)[:10]},
+        "split_keys": split_keys,
+        "per_shard": [result.to_dict() for result in results],
+    }
+
+
+def format_verify(result: dict[str, Any]) -> str:
+    """Return the human-readable form of a verify report."""
+    lines = [f"{'shard':<50} {'pairs':>7} {'skipped':>8}"]
+    for shard in result["per_shard"]:
+        skipped = sum(shard["skipped_by_reason"].values())
+        note = " UNREADABLE" if "error" in shard else (" TRUNCATED" if "truncated_at" in shard else "")
+        lines.append(f"{shard['shard'][-50:]:<50} {shard['samples']:>7} {skipped:>8}{note}")
+    lines.append(
+        f"{result['shards']} shards, {result['samples']} readable pairs, {result['skipped']} skipped"
+        + (f" ({format_counts(result['skipped_by_reason'])})" if result["skipped"] else "")
+    )
+    for item in result["unreadable_shards"]:
+        lines.append(f"unreadable shard: {item['error']}")
+    for item in result["truncated_shards"]:
+        lost = item["lost_keys"] or []
+        lines.append(
+            f"truncated shard {item['shard']}: breaks inside sample {item['key']}; "
+            f"{len(lost)} sample(s) lost: {', '.join(lost[:10])}{' ...' if len(lost) > 10 else ''}"
+        )
+    if result["duplicate_keys"]["count"]:
+        lines.append(
+            f"{result['duplicate_keys']['count']} keys appear more than once, e.g. "
+            + ", ".join(result["duplicate_keys"]["examples"][:5])
+        )
+    for item in result["split_keys"]:
+        lines.append(f"sample {item['key']} is split across {item['shards'][0]} and {item['shards'][1]}")
+    if result["repaired_by_kind"]:
+        lines.append(f"caption repairs (samples kept): {format_counts(result['repaired_by_kind'])}")
+    lines.append("OK" if result["ok"] else "PROBLEMS FOUND")
+    return "\n".join(lines)
