@@ -3,7 +3,8 @@
 /tmp/venv_probe/bin/python benchmarks/vs_openclip.py --openclip-python /tmp/venv_openclip/bin/python \
     --steps 200 --batch-size 128 --precision fp32 --workers 1 --out results.json
 
-Run it from the repository root with the Python of an environment that has mmalign and psutil.
+Run it with the Python of an environment that has mmalign and psutil. Both trainers run in the
+repository root, so a relative --shards pattern is resolved there.
 OpenCLIP's trainer (``python -m open_clip_train.main``, shipped in the open_clip_torch wheel) needs
 ``webdataset<=0.2.86``, so it runs from its own environment:
 
@@ -11,22 +12,27 @@ OpenCLIP's trainer (``python -m open_clip_train.main``, shipped in the open_clip
     /tmp/venv_openclip/bin/pip install torch==2.14.1 torchvision==0.29.1 open_clip_torch==3.3.0 \
         'webdataset<=0.2.86' pandas
 
-Both trainers run one after the other, on the CPU only, from random initialisation, with the same
-architecture (copied into OpenCLIP's model_configs folder), shards, batch size, precision, number of
-steps, loader workers, seed, AdamW settings, linear warmup then cosine decay, and gradient clipping.
+Both trainers run one after the other (mmalign first), on the CPU only, and start from random
+initialisation. They share the architecture (copied into OpenCLIP's model_configs folder), shards,
+batch size, precision, number of steps, loader workers and seed. They also share the AdamW settings,
+the linear warmup then cosine decay of the learning rate, and gradient clipping at norm 1.
 
-Throughput is the steady-state rate: the script stamps each training log line as it arrives and
-divides the samples trained between the first log line at or after ``--warm-fraction`` of the steps
-and the last one by the wall time between them, so start-up, worker start and shuffle-buffer filling
-are left out, and the same clock measures both trainers. The rate each trainer reports itself over
-the same steps is stored as well. Peak memory is the maximum, over polls every 0.2 s, of the RSS
-(and PSS) summed over the trainer process and its descendants (the loader workers). Summed RSS
-counts the pages that forked workers share once per process; PSS splits them between processes.
+Throughput is the steady-state rate in samples/s. The script stamps each training log line as it
+arrives. It divides the samples trained between the first log line at or after ``--warm-fraction``
+of the steps and the last log line by the wall time between those two lines. This leaves out
+start-up, worker start and shuffle-buffer filling, and the same clock measures both trainers. The
+rate each trainer reports itself over the same steps is stored as well.
+
+Peak memory is the maximum, over polls every 0.2 s, of the RSS (and PSS) summed over the trainer
+process and its descendants (the loader workers). Summed RSS counts the pages that forked workers
+share once per process, while PSS splits them between the processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import platform
@@ -50,7 +56,7 @@ VERSIONS_SNIPPET = (
     "print(json.dumps({'python': sys.version.split()[0], 'torch_threads': torch.get_num_threads(), **found}))"
 )
 LIBRARIES = ["torch", "open_clip", "webdataset"]
-# OpenCLIP's trainer finds architectures only in the model_configs folder of its own package
+# OpenCLIP's trainer resolves a plain --model name from the model_configs folder of its package
 MODEL_CONFIG_DIR_SNIPPET = "import open_clip, pathlib; print(pathlib.Path(open_clip.__file__).parent / 'model_configs')"
 MMALIGN_STEP_LINE = re.compile(r"mmalign\.train: (?:\[RANK \d+\] )?step (\d+)\s+loss ([\d.]+)")
 OPENCLIP_STEP_LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+.*?Batch \(t\): ([\d.]+).*?Contrastive_loss: ([\d.]+)")
@@ -85,61 +91,43 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def mmalign_command(args: argparse.Namespace, work_dir: Path) -> list[str]:
-    overrides = {
-        "run.output_dir": str(work_dir / "mmalign"),
-        "run.name": "bench",
-        "run.seed": args.seed,
-        "model.name": args.model,
-        "model.freeze_text": "false",  # the default config freezes the text tower
-        "data.train_shards": args.shards,
-        "data.caption_key": "txt",
-        "data.workers": args.workers,
-        "train.steps": args.steps,
-        "train.batch_size": args.batch_size,
-        # overrides are parsed as YAML, where a bare no is the boolean false
-        "train.mixed_precision": "bf16" if args.precision == "bf16" else '"no"',
-        "train.log_every": args.log_every,
-        "train.checkpoint_every": args.steps,
-        "optim.lr": args.lr,
-        "optim.warmup_steps": args.warmup,
-        "optim.schedule": "cosine",
-        "optim.weight_decay": 0.1,
-        "optim.betas": "[0.9,0.98]",
-        "optim.eps": 1e-6,
-        "optim.grad_clip": 1.0,
-        "eval.shards": "null",
-    }
-    return [args.mmalign_python, "-m", "mmalign.cli", "train", *(f"{key}={value}" for key, value in overrides.items())]
+# Matched settings of the two trainers. Each word becomes one argument after str.format. The text
+# tower is unfrozen because mmalign's default config freezes it. mmalign parses override values as
+# YAML, where a bare no is the boolean false, so fp32 is passed as "no" in quotes.
+MMALIGN_ARGS = """
+    -m mmalign.cli train run.output_dir={work_dir}/mmalign run.name=bench run.seed={seed}
+    model.name={model} model.freeze_text=false data.train_shards={shards} data.caption_key=txt
+    data.workers={workers} train.steps={steps} train.batch_size={batch_size} train.mixed_precision={mmalign_precision}
+    train.log_every={log_every} train.checkpoint_every={steps} optim.lr={lr} optim.warmup_steps={warmup}
+    optim.schedule=cosine optim.weight_decay=0.1 optim.betas=[0.9,0.98] optim.eps=1e-6 optim.grad_clip=1.0
+    eval.shards=null
+"""
+# OpenCLIP picks betas and eps from the model name (only names containing "vit" get 0.98 and 1e-6),
+# so they are given. Its one epoch is --steps batches because --steps is a multiple of --workers.
+# NOTE: these differences remain. OpenCLIP shuffles samples in a fixed buffer of 5000 undecoded
+# samples (mmalign: data.shuffle_buffer, 1000), uses PyTorch's prefetch factor 2 (mmalign: 4)
+# and applies weight decay to the token and positional embeddings (mmalign does not).
+OPENCLIP_ARGS = """
+    -m open_clip_train.main --model {model} --train-data {shards} --dataset-type webdataset
+    --train-num-samples {samples} --batch-size {batch_size} --epochs 1 --workers {workers}
+    --precision {openclip_precision} --device cpu --lr {lr} --warmup {warmup} --wd 0.1
+    --beta1 0.9 --beta2 0.98 --eps 1e-6 --grad-clip-norm 1.0 --seed {seed}
+    --log-every-n-steps {log_every} --save-frequency 0 --logs {work_dir}/open_clip --name bench
+"""
 
 
-def openclip_command(args: argparse.Namespace, work_dir: Path) -> list[str]:
-    # Betas and eps are given because OpenCLIP picks them from the model name and
-    # only names containing "vit" get (0.9, 0.98) and 1e-6.
-    flags = {
-        "--model": args.model,
-        "--train-data": args.shards,
-        "--dataset-type": "webdataset",
-        "--train-num-samples": args.steps * args.batch_size,
-        "--batch-size": args.batch_size,
-        "--epochs": 1,
-        "--workers": args.workers,
-        "--precision": "amp_bf16" if args.precision == "bf16" else "fp32",
-        "--device": "cpu",
-        "--lr": args.lr,
-        "--warmup": args.warmup,
-        "--wd": 0.1,
-        "--beta1": 0.9,
-        "--beta2": 0.98,
-        "--eps": 1e-6,
-        "--grad-clip-norm": 1.0,
-        "--seed": args.seed,
-        "--log-every-n-steps": args.log_every,
-        "--save-frequency": 0,
-        "--logs": str(work_dir / "open_clip"),
-        "--name": "bench",
+def trainer_commands(args: argparse.Namespace, work_dir: Path) -> dict[str, list[str]]:
+    values = {
+        **vars(args),
+        "work_dir": work_dir,
+        "samples": args.steps * args.batch_size,
+        "mmalign_precision": "bf16" if args.precision == "bf16" else '"no"',
+        "openclip_precision": "amp_bf16" if args.precision == "bf16" else "fp32",
     }
-    return [args.openclip_python, "-m", "open_clip_train.main", *(str(item) for pair in flags.items() for item in pair)]
+    return {
+        "mmalign": [args.mmalign_python, *(word.format(**values) for word in MMALIGN_ARGS.split())],
+        "open_clip": [args.openclip_python, *(word.format(**values) for word in OPENCLIP_ARGS.split())],
+    }
 
 
 def install_model_config(openclip_python: str, model: str) -> Path:
@@ -169,7 +157,10 @@ def tree_memory(process: psutil.Process) -> tuple[int, int]:
 
 
 def run_trainer(name: str, command: list[str], work_dir: Path, timeout: float) -> dict:
-    """Run one trainer; return its exit status, stamped output lines and peak memory."""
+    """Run one trainer; return its output lines with arrival times, its peak memory and its log path.
+
+    Raises SystemExit when the trainer fails or times out.
+    """
     print(f"\n[{name}] {shlex.join(command)}", flush=True)
     log_path = work_dir / f"{name}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -197,11 +188,9 @@ def run_trainer(name: str, command: list[str], work_dir: Path, timeout: float) -
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         if time.monotonic() - start > timeout:
             for member in [*watched.children(recursive=True), watched]:
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess):
                     member.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            print(f"[{name}] killed after {timeout:.0f} s (--timeout); its output is in {log_path}")
+            print(f"[{name}] timed out after {timeout:.0f} s (--timeout), so it was killed")
             break
         time.sleep(0.2)
     returncode = process.wait()
@@ -215,7 +204,8 @@ def run_trainer(name: str, command: list[str], work_dir: Path, timeout: float) -
 def parse_progress(name: str, lines: list[tuple[float, str]], batch_size: int) -> list[tuple[int, float, float, float]]:
     """Return (step, arrival seconds, reported seconds per step, loss) for each training log line.
 
-    The loss is mmalign's mean over the log interval and OpenCLIP's loss of the logged step.
+    The seconds per step are NaN for mmalign, which writes its own figure to metrics.jsonl. The loss
+    is mmalign's mean over the log interval and OpenCLIP's loss of the logged step.
     """
     points = []
     for seconds, line in lines:
@@ -227,28 +217,31 @@ def parse_progress(name: str, lines: list[tuple[float, str]], batch_size: int) -
 
 
 def summarize(name: str, run: dict, args: argparse.Namespace, work_dir: Path) -> dict:
-    """Compute the steady-state samples/s, the trainer's own figure for the same steps, and the last loss."""
+    """Compute the steady-state samples/s, the trainer's own figure for the same steps, and the last logged loss."""
     points = parse_progress(name, run["lines"], args.batch_size)
     first = next((point for point in points if point[0] >= args.warm_fraction * args.steps), None)
     if first is None or points[-1][0] <= first[0]:
-        raise SystemExit(f"[{name}] fewer than two log lines after the warm-up in {run['log']}: raise --steps")
+        raise SystemExit(
+            f"[{name}] found fewer than two training log lines after the warm-up in {run['log']}; "
+            "raise --steps or lower --log-every"
+        )
     last = points[-1]
     samples = (last[0] - first[0]) * args.batch_size
-    # Each log line reports the interval since the previous one: OpenCLIP the mean
-    # seconds per step, mmalign (in metrics.jsonl) the samples/s of data wait plus compute.
+    # Each log record covers the steps since the previous one. OpenCLIP logs their mean seconds
+    # per step, and mmalign writes to metrics.jsonl their samples/s over data wait plus compute.
     if name == "mmalign":
         records = (work_dir / "mmalign" / "bench" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
         intervals = [json.loads(line) for line in records]
         intervals = [(item["step"], item["data/samples_per_s"]) for item in intervals if "data/samples_per_s" in item]
         reported_s = sum(
             (step - previous) * args.batch_size / rate
-            for (previous, _), (step, rate) in zip(intervals, intervals[1:])
+            for (previous, _), (step, rate) in itertools.pairwise(intervals)
             if previous >= first[0]
         )
     else:
         reported_s = sum(
             (step - previous) * per_step
-            for (previous, *_), (step, _, per_step, _) in zip(points, points[1:])
+            for (previous, *_), (step, _, per_step, _) in itertools.pairwise(points)
             if previous >= first[0]
         )
     return {
@@ -279,9 +272,9 @@ def main() -> None:
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="vs_openclip-")).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     if any((work_dir / folder).exists() for folder in ("mmalign", "open_clip")):
-        raise SystemExit(f"--work-dir {work_dir} holds an earlier run; pass an empty or new folder")
+        raise SystemExit(f"--work-dir {work_dir} already contains an earlier run; pass an empty or new folder")
     install_model_config(args.openclip_python, args.model)
-    commands = {"mmalign": mmalign_command(args, work_dir), "open_clip": openclip_command(args, work_dir)}
+    commands = trainer_commands(args, work_dir)
 
     results = {}
     for name, command in commands.items():
@@ -306,16 +299,17 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
-    print(f"\n{'trainer':<10} {'samples/s':>10} {'reported':>10} {'peak RSS MiB':>13} {'peak PSS MiB':>13} {'loss':>7}")
+    header = ("trainer", "steps", "samples/s", "reported", "peak RSS MiB", "peak PSS MiB", "loss")
+    print("\n" + "".join(f"{cell:>14}" for cell in header))
     for name, result in results.items():
+        steps = "{}-{}".format(*result["measured_steps"])
         reported = result["reported_samples_per_s"] or float("nan")
-        print(
-            f"{name:<10} {result['samples_per_s']:>10.1f} {reported:>10.1f} {result['peak_rss_mib']:>13.0f}"
-            f" {result['peak_pss_mib']:>13.0f} {result['last_logged_loss']:>7.3f}"
-        )
+        cells = (name, steps, f"{result['samples_per_s']:.1f}", f"{reported:.1f}")
+        cells += (f"{result['peak_rss_mib']:.0f}", f"{result['peak_pss_mib']:.0f}", f"{result['last_logged_loss']:.3f}")
+        print("".join(f"{cell:>14}" for cell in cells))
     ratio = report["ratio_mmalign_to_open_clip"]
     print(f"mmalign / open_clip: samples/s x{ratio['samples_per_s']:.2f}, peak RSS x{ratio['peak_rss']:.2f}")
-    print(f"steps {results['mmalign']['measured_steps']} measured; results written to {args.out}")
+    print(f"results written to {args.out}")
 
 
 if __name__ == "__main__":

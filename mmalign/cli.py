@@ -17,6 +17,9 @@ commands:
   shards build     write shards from images:  mmalign shards build INPUT --out DIR
   shards verify    check every sample:        mmalign shards verify PATTERN [--json]
   shards inspect   summarise shards:          mmalign shards inspect PATTERN [--sheet FILE.png]
+  index build      embed shards for search:   mmalign index build --model RUN --shards PATTERN --out DIR
+  index search     search an index:           mmalign index search DIR --text QUERY | --image FILE
+  demo             web demo (Gradio):         mmalign demo --model RUN [--index DIR]
 
 Run `mmalign COMMAND --help` for the options of a command.
 """
@@ -142,6 +145,73 @@ def inspect_command(args: argparse.Namespace, urls: list[str]) -> int:
     return 0
 
 
+def index_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmalign index", description="Build and search embedding indexes.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="embed every image and caption of a set of shards")
+    build.add_argument("--model", required=True, help="run directory or model folder")
+    build.add_argument("--shards", required=True, help="shard pattern")
+    build.add_argument("--out", required=True, type=Path, help="index folder (an interrupted build resumes here)")
+    build.add_argument("--batch-size", type=int, default=64)
+    build.add_argument("--approximate", default="auto", choices=["auto", "never", "always"], help="use FAISS")
+    build.add_argument("--ann-threshold", type=int, default=100_000, help="items above which auto uses FAISS")
+    build.add_argument("--ann-kind", default="hnsw", choices=["hnsw", "ivf"])
+    build.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    add_field_options(build)
+    search = commands.add_parser("search", help="search an index by text (images) or by image (captions)")
+    search.add_argument("index", type=Path, help="index folder")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="find images for this text")
+    query.add_argument("--image", type=Path, help="find captions for this image file")
+    search.add_argument("--k", type=int, default=10, help="results to return")
+    search.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def index_main(argv: Sequence[str]) -> int:
+    from mmalign.data.decode import SampleError
+    from mmalign.data.reader import ShardError
+    from mmalign.index import EmbeddingIndex, IndexFolderError, build_index
+
+    args = index_parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            info = build_index(
+                args.model,
+                args.shards,
+                args.out,
+                field_spec(args),
+                batch_size=args.batch_size,
+                approximate=args.approximate,
+                ann_threshold=args.ann_threshold,
+                ann_kind=args.ann_kind,
+                device=args.device,
+            )
+            print(json.dumps({key: value for key, value in info.items() if key != "shards"}, indent=1))
+            return 0
+        index = EmbeddingIndex(args.index)
+        if args.text is not None:
+            hits = [
+                {"rank": rank, "score": round(hit.score, 4), "key": hit.key, "captions": hit.captions}
+                for rank, hit in enumerate(index.search_text(args.text, args.k), 1)
+            ]
+        else:
+            hits = [
+                {"rank": rank, "score": round(hit.score, 4), "text": hit.text, "image_key": hit.image_key}
+                for rank, hit in enumerate(index.search_image(args.image, args.k), 1)
+            ]
+        if args.json:
+            print(json.dumps(hits, indent=1, ensure_ascii=False))
+        else:
+            for hit in hits:
+                label = " | ".join(hit["captions"]) if "captions" in hit else hit["text"]
+                print(f"{hit['rank']:>3}  {hit['score']:.3f}  {hit.get('key', hit.get('image_key'))}  {label}")
+        return 0
+    except (IndexFolderError, ShardError, SampleError, ValueError, FileNotFoundError) as error:
+        logging.getLogger("mmalign").error("%s", error)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch to a subcommand; return its exit status."""
     from mmalign.logs import configure_logging
@@ -162,6 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return eval_main(rest)
     if command == "shards":
         return shards_main(rest)
+    if command == "index":
+        return index_main(rest)
+    if command == "demo":
+        from mmalign.demo import main as demo_main
+
+        return demo_main(rest)
     sys.stderr.write(f"mmalign: unknown command {command!r}\n\n{USAGE}")
     return 2
 

@@ -113,6 +113,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(256, gt=0)
     recall_k: list[int] = Field([1, 5, 10], min_length=1)
     workers: int = Field(1, ge=0)
+    build_index: bool = Field(False, description="after training, build a search index of eval.shards in RUN/index")
 
 
 class Config(_Section):

@@ -105,6 +105,8 @@ class Monitor:
             "train/grad_norm": sum(self.grad_norms) / len(self.grad_norms),
             "data/samples_per_s": self.samples / elapsed if elapsed else 0.0,
             "data/wait_fraction": wait_fraction,
+            "data/wait_s": self.wait_s,
+            "train/compute_s": self.compute_s,
             "data/read": self.report.read,
             "data/skipped": self.report.total_skipped,
         }

@@ -34,6 +34,7 @@ from mmalign.data.schema import check_schema
 from mmalign.data.stream import StreamSettings, TrainStream, describe_split
 from mmalign.distributed import create_accelerator
 from mmalign.evaluate import evaluate_model, format_table
+from mmalign.index import build_index
 from mmalign.logs import configure_logging
 from mmalign.loss import InfoNCELoss, at_least_float32
 from mmalign.model import (
@@ -430,6 +431,9 @@ def finish(
         results = evaluate_model(unwrapped, config, accelerator, run_dir)
         if accelerator.is_main_process:
             sys.stdout.write(format_table(results) + "\n")
+        if config.eval.build_index and accelerator.is_main_process:
+            build_index(run_dir, config.eval.shards, run_dir / "index", field_spec(config), progress=False)
+        accelerator.wait_for_everyone()
     accelerator.end_training()
 
 

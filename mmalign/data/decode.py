@@ -93,6 +93,26 @@ def decode_image(data: bytes, max_pixels: int = 25_000_000) -> DecodedImage:
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise SampleError(_failure_reason(error), str(error)) from None
 
+    return _upright_rgb(image)
+
+
+def prepare_image(image: Image.Image, max_pixels: int = 25_000_000) -> DecodedImage:
+    """Apply the decoder's rules to an already opened PIL image: pixel cap, EXIF rotation, RGB.
+
+    Raises:
+        SampleError: ``too_many_pixels``, or ``truncated_image``/``corrupt_image`` if loading fails.
+    """
+    width, height = image.size
+    if width * height > max_pixels:
+        raise SampleError("too_many_pixels", f"{width}x{height} exceeds the cap of {max_pixels} pixels")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise SampleError(_failure_reason(error), str(error)) from None
+    return _upright_rgb(image)
+
+
+def _upright_rgb(image: Image.Image) -> DecodedImage:
     source_mode, source_format = image.mode, image.format
     rotated = False
     try:

@@ -1,0 +1,218 @@
+"""Using a trained model: load it, embed images and texts, label images zero-shot.
+
+    import mmalign
+    model = mmalign.load("runs/emoji-tiny")
+    model.zero_shot(["cat.jpg"], ["cat", "dog", "car"])   # [[("cat", 0.93), ("dog", 0.05), ("car", 0.02)]]
+
+Shapes: N = images, T = texts, C = labels, D = embedding width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mmalign.config import ModelConfig
+from mmalign.data.decode import decode_image, prepare_image
+from mmalign.model import MODEL_CONFIG, create_model, create_tokenizer, image_transforms, load_model
+
+DEFAULT_TEMPLATES = ("{}", "a photo of a {}.", "a picture of a {}.", "an image of a {}.")
+ImageInput = str | Path | bytes | Image.Image | torch.Tensor
+
+
+class AlignedModel:
+    """A trained image-text model with its tokenizer and image preprocessing.
+
+    Create it with :func:`load`. Embeddings are L2-normalised float32 tensors on the CPU.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, max_pixels: int = 25_000_000) -> None:
+        self.model = model.eval().to(device)
+        self.device = device
+        self.tokenizer = create_tokenizer(model)
+        _, self.preprocess = image_transforms(model)
+        self.max_pixels = max_pixels
+
+    @property
+    def uses_sigmoid_loss(self) -> bool:
+        """Whether the model was trained with a sigmoid (SigLIP-style) loss: it has a logit bias."""
+        return getattr(self.model, "logit_bias", None) is not None
+
+    def _pixels(self, image: ImageInput) -> torch.Tensor:
+        """Return one preprocessed image (3, H, W); tensors are taken as already preprocessed."""
+        if isinstance(image, torch.Tensor):
+            if image.ndim != 3:
+                raise ValueError(f"an image tensor must have shape (3, H, W), got {tuple(image.shape)}")
+            return image
+        if isinstance(image, Image.Image):
+            return self.preprocess(prepare_image(image, self.max_pixels).image)
+        if isinstance(image, bytes):
+            return self.preprocess(decode_image(image, self.max_pixels).image)
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path}")
+        return self.preprocess(decode_image(path.read_bytes(), self.max_pixels).image)
+
+    @torch.no_grad()
+    def encode_images(
+        self, images: Sequence[ImageInput] | torch.Tensor, batch_size: int = 64, progress: bool | None = None
+    ) -> torch.Tensor:
+        """Embed images: paths, bytes, PIL images, or preprocessed tensors (N, 3, H, W).
+
+        Files and PIL images go through mmalign's decoder (EXIF rotation, alpha on
+        white, pixel cap). Returns normalised embeddings of shape (N, D).
+
+        Raises:
+            SampleError: an image cannot be decoded (``reason`` says why).
+            FileNotFoundError: a path does not exist.
+        """
+        if isinstance(images, torch.Tensor) and images.ndim == 3:
+            images = images[None]
+        count = len(images)
+        chunks = []
+        for start in self._progress(range(0, count, batch_size), count, batch_size, progress, "images"):
+            batch = torch.stack([self._pixels(image) for image in images[start : start + batch_size]])  # (b, 3, H, W)
+            chunks.append(self.model.encode_image(batch.to(self.device), normalize=True).float().cpu())  # (b, D)
+        return torch.cat(chunks) if chunks else torch.empty(0, self.embedding_dim)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool | None = None) -> torch.Tensor:
+        """Embed texts; returns normalised embeddings of shape (T, D)."""
+        if isinstance(texts, str):
+            raise TypeError("encode_texts takes a list of strings; wrap a single text as [text]")
+        chunks = []
+        for start in self._progress(range(0, len(texts), batch_size), len(texts), batch_size, progress, "texts"):
+            tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)  # (t, L)
+            chunks.append(self.model.encode_text(tokens, normalize=True).float().cpu())  # (t, D)
+        return torch.cat(chunks) if chunks else torch.empty(0, self.embedding_dim)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.model.mmalign_model_cfg["embed_dim"])
+
+    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+        """Embed each label through every template and average: normalised (C, D)."""
+        labels = _check_labels(labels)
+        templates = _check_templates(templates)
+        prompts = [template.format(label) for label in labels for template in templates]
+        prompt_emb = self.encode_texts(prompts, progress=False).view(len(labels), len(templates), -1)  # (C, P, D)
+        return F.normalize(prompt_emb.mean(dim=1), dim=-1)  # (C, D)
+
+    @torch.no_grad()
+    def scores(
+        self, images: Sequence[ImageInput] | torch.Tensor, labels: Sequence[str], templates: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """Return the raw logits (N, C): logit_scale * cosine similarity, plus the logit bias if the model has one.
+
+        For a sigmoid-loss model, ``torch.sigmoid(scores)`` gives each label's independent probability.
+        """
+        image_emb = self.encode_images(images)  # (N, D)
+        label_emb = self.label_embeddings(labels, templates)  # (C, D)
+        logits = self.model.logit_scale.exp().float().cpu() * image_emb @ label_emb.T  # (N, C)
+        if self.uses_sigmoid_loss:
+            logits = logits + self.model.logit_bias.float().cpu()
+        return logits
+
+    def zero_shot(
+        self,
+        images: Sequence[ImageInput] | torch.Tensor,
+        labels: Sequence[str],
+        templates: Sequence[str] | None = None,
+        top_k: int | None = None,
+    ) -> list[list[tuple[str, float]]]:
+        """Rank labels for each image; probabilities over the given labels sum to one.
+
+        InfoNCE models: softmax of logit_scale * cosine similarity. Sigmoid-loss
+        models: each label's sigmoid probability, divided by their sum over the labels.
+
+        Args:
+            images: paths, bytes, PIL images or preprocessed tensors.
+            labels: class names, e.g. ["cat", "dog"].
+            templates: prompt templates with one ``{}`` (default: :data:`DEFAULT_TEMPLATES`).
+            top_k: keep only the k most probable labels per image.
+
+        Returns:
+            One list per image of (label, probability) pairs, most probable first.
+        """
+        labels = _check_labels(labels)
+        logits = self.scores(images, labels, templates)  # (N, C)
+        if self.uses_sigmoid_loss:
+            independent = torch.sigmoid(logits)
+            probabilities = independent / independent.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        else:
+            probabilities = logits.softmax(dim=1)
+        keep = len(labels) if top_k is None else max(1, min(top_k, len(labels)))
+        values, indices = probabilities.topk(keep, dim=1)
+        return [
+            [(labels[index], float(value)) for value, index in zip(row_values, row_indices, strict=True)]
+            for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
+
+    @staticmethod
+    def _progress(steps: range, count: int, batch_size: int, progress: bool | None, unit: str) -> Any:
+        show = count > 4 * batch_size if progress is None else progress
+        return tqdm(steps, desc=f"embedding {unit}", unit="batch", disable=not show)
+
+
+def _check_labels(labels: Sequence[str]) -> list[str]:
+    if isinstance(labels, str):
+        raise TypeError("labels must be a list of strings, e.g. ['cat', 'dog']")
+    cleaned = [str(label).strip() for label in labels]
+    if not cleaned or any(not label for label in cleaned):
+        raise ValueError(f"labels must be non-empty strings; got {list(labels)!r}")
+    return cleaned
+
+
+def _check_templates(templates: Sequence[str] | None) -> list[str]:
+    templates = list(DEFAULT_TEMPLATES if templates is None else templates)
+    bad = [template for template in templates if template.count("{}") != 1]
+    if not templates or bad:
+        raise ValueError(f"each template needs exactly one '{{}}' for the label; got {bad or templates!r}")
+    return templates
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(path: str | Path, device: str | torch.device | None = None, weights: str | Path | None = None) -> AlignedModel:
+    """Load a model for inference.
+
+    Args:
+        path: a run directory or model folder written by mmalign (``model.safetensors``
+            and ``open_clip_config.json``), or an open_clip architecture name
+            (``ViT-B-32``) together with ``weights``.
+        device: where to run (default: CUDA if available, else CPU).
+        weights: a local weights file for an architecture name (``.safetensors``, or
+            ``.pt``/``.bin`` read with ``torch.load(weights_only=True)``).
+
+    Raises:
+        FileNotFoundError: the folder or weights file does not exist.
+        ConfigError: the name is not a known architecture.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    folder = Path(path)
+    if (folder / MODEL_CONFIG).is_file():
+        return AlignedModel(load_model(folder, device), device)
+    if weights is None:
+        raise FileNotFoundError(
+            f"{path} is not an mmalign model folder (no {MODEL_CONFIG}); to load an open_clip architecture, "
+            "pass its name with weights=PATH"
+        )
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"weights file not found: {weights}")
+    return AlignedModel(create_model(ModelConfig(name=str(path), pretrained=str(weights))), device)
+
+
+def image_from_bytes(data: bytes) -> Image.Image:
+    """Decode image bytes with mmalign's decoder (for callers that want the PIL image itself)."""
+    return decode_image(data).image
+
+
+__all__ = ["DEFAULT_TEMPLATES", "AlignedModel", "image_from_bytes", "load"]
