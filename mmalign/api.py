@@ -2,7 +2,7 @@
 
     import mmalign
     model = mmalign.load("runs/emoji-tiny")
-    model.zero_shot(["cat.jpg"], ["cat", "dog", "car"])   # [[("cat", 0.93), ("dog", 0.05), ("car", 0.02)]]
+    model.zero_shot(["cat.jpg"], ["cat", "dog", "car"])   # [[(label, probability), ...]], best first
 
 Shapes: N = images, T = texts, C = labels, D = embedding width.
 """

@@ -10,6 +10,8 @@ allowed.
 from __future__ import annotations
 
 import json
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any, Literal
 
 import tomllib
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG = "emoji-tiny"
 
@@ -96,6 +98,12 @@ class TrainConfig(_Section):
         0.3, ge=0, le=1, description="warn when waiting for data takes more than this share of a log interval"
     )
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false
+        return "no" if value is False else value
+
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
         if (self.steps is None) == (self.samples is None):
@@ -163,7 +171,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if not sep or not key:
             raise ConfigError(f"override {override!r} is not of the form section.key=value (e.g. optim.lr=5e-4)")
         parts = key.split(".")
-        _check_key_path(parts)
+        annotation = _check_key_path(parts)
         node = result
         for part in parts[:-1]:
             child = node.setdefault(part, {})
@@ -171,14 +179,39 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                 raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(raw_value) if raw_value != "" else ""
+            value = yaml.safe_load(raw_value) if raw_value != "" else ""
         except yaml.YAMLError as error:
             raise ConfigError(f"override {override!r}: cannot parse value {raw_value!r}: {error}") from error
+        if value is not None and not isinstance(value, str) and _takes_text(annotation):
+            # a text field keeps what was typed: `no`, `1e-3` or `0001` are not turned into other types
+            value = raw_value
+        node[parts[-1]] = value
     return result
 
 
-def _check_key_path(parts: list[str]) -> None:
+def _takes_text(annotation: Any) -> bool:
+    """Return whether a field's type is text only (str, a Literal of strings, or either or None)."""
+    options = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else (annotation,)
+    )
+    options = [option for option in options if option is not type(None)]
+    if not options:
+        return False
+    for option in options:
+        if typing.get_origin(option) is Literal:
+            if not all(isinstance(choice, str) for choice in typing.get_args(option)):
+                return False
+        elif option is not str:
+            return False
+    return True
+
+
+def _check_key_path(parts: list[str]) -> Any:
+    """Check that a dotted key names a config field; return the field's type."""
     model: type[BaseModel] = Config
+    annotation: Any = None
     for depth, part in enumerate(parts):
         fields = model.model_fields
         if part not in fields:
@@ -190,6 +223,7 @@ def _check_key_path(parts: list[str]) -> None:
             raise ConfigError(f"unknown config key {'.'.join(parts)!r}: {'.'.join(parts[: depth + 1])} is a value")
         if is_section:
             model = annotation
+    return annotation
 
 
 def build_config(data: Mapping[str, Any]) -> Config:

@@ -99,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, ShardError, TrainingError, FileNotFoundError) as error:
         logging.getLogger("mmalign").error("%s", error)
         return 2
+    except KeyboardInterrupt:
+        logging.getLogger("mmalign").error("interrupted; continue from the last checkpoint with run.resume=auto")
+        return 130
     return 0
 
 

@@ -88,3 +88,23 @@ def test_toml_config_reads(tmp_path):
 def test_shipped_config_path_rejects_unknown_name():
     with pytest.raises(ConfigError, match="no shipped config named 'nope'"):
         shipped_config_path("nope")
+
+
+def test_text_fields_keep_what_was_typed():
+    overrides = ["train.mixed_precision=no", "run.name=0001", "model.name=1e3", "optim.lr=1e-3"]
+    config = build_config(apply_overrides(MINIMAL, overrides))
+    assert config.train.mixed_precision == "no"
+    assert config.run.name == "0001"
+    assert config.model.name == "1e3"
+    assert config.optim.lr == pytest.approx(1e-3)
+
+
+def test_yaml_no_in_file_means_no_mixed_precision():
+    config = build_config({**MINIMAL, "train": {"steps": 1, "mixed_precision": False}})
+    assert config.train.mixed_precision == "no"
+
+
+def test_list_and_null_overrides():
+    config = build_config(apply_overrides(MINIMAL, ["data.train_shards=[a.tar, b.tar]", "eval.shards=null"]))
+    assert config.data.train_shards == ["a.tar", "b.tar"]
+    assert config.eval.shards is None
