@@ -186,7 +186,7 @@ def load(path: str | Path, device: str | torch.device | None = None, weights: st
 
     Args:
         path: a run directory or model folder written by mmalign (``model.safetensors``
-            and ``open_clip_config.json``), or an open_clip architecture name
+            and ``open_clip_config.json``), that folder's ``model.safetensors``, or an open_clip architecture name
             (``ViT-B-32``) together with ``weights``.
         device: where to run (default: CUDA if available, else CPU).
         weights: a local weights file for an architecture name (``.safetensors``, or
@@ -198,6 +198,9 @@ def load(path: str | Path, device: str | torch.device | None = None, weights: st
     """
     device = torch.device(device) if device is not None else default_device()
     folder = Path(path)
+    if folder.is_file() and (folder.parent / MODEL_CONFIG).is_file():
+        # the model.safetensors of a saved model: its folder describes it
+        folder = folder.parent
     if (folder / MODEL_CONFIG).is_file():
         return AlignedModel(load_model(folder, device), device)
     if weights is None:

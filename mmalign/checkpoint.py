@@ -21,6 +21,7 @@ import logging
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,10 +167,16 @@ def save_checkpoint(
     accelerator: Accelerator,
     report: dict[str, Any],
     keep: int,
+    shard_order: Callable[[int], list[str]],
 ) -> None:
-    """Write checkpoints/step-N atomically; every process must call this at the same step."""
+    """Write checkpoints/step-N atomically; every process must call this at the same step.
+
+    ``shard_order(pass)`` gives the shard order of a pass; the orders of the passes the
+    loader streams are in are stored, so a resume can tell whether the shards changed.
+    """
     staging = staging_dir(run_dir, step)
     data_states = gather_object([data_state])
+    passes = sorted({worker["pass"] for state in data_states for worker in state["workers"].values()})
     rng_tensors, rng_values = rng_state()
     rng_values_all = gather_object([rng_values])
     if accelerator.is_main_process:
@@ -183,6 +190,7 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict(),
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
         "data": data_states,
+        "shard_orders": {str(pass_index): shard_order(pass_index) for pass_index in passes},
         "data_report": report,
         "rng": rng_values_all,
     }
@@ -210,12 +218,13 @@ def restore_checkpoint(
     scheduler: Any,
     accelerator: Accelerator,
     loader_workers: int,
+    shard_order: Callable[[int], list[str]],
 ) -> tuple[int, dict[str, Any] | None, dict[str, Any]]:
     """Load a checkpoint into model, optimizer and scheduler.
 
     Returns the step, this process's data stream state (None when the number of
-    processes or loader workers changed, so the streams cannot be placed exactly)
-    and the data report saved with the checkpoint.
+    processes or loader workers, or the shard order, changed, so the streams cannot
+    be placed exactly) and the data report saved with the checkpoint.
     """
     state = read_state(checkpoint)
     if (checkpoint / "engine").is_dir():
@@ -231,8 +240,16 @@ def restore_checkpoint(
     rank = accelerator.process_index
     saved_workers = {len(item["workers"]) for item in state["data"] if item["batches"]}
     same_layout = state["world_size"] == accelerator.num_processes and saved_workers <= {max(1, loader_workers)}
+    changed = [key for key, order in state.get("shard_orders", {}).items() if shard_order(int(key)) != order]
     data_state = None
-    if same_layout:
+    if changed:
+        logger.warning(
+            "the shards or their order differ from those %s was trained on (pass %s); the model and optimizer "
+            "resume exactly, but the data streams start again from the first pass",
+            checkpoint,
+            changed[0],
+        )
+    elif same_layout:
         restore_rng(load_tensors(checkpoint / f"rng-rank-{rank}.safetensors"), state["rng"][rank])
         data_state = state["data"][rank]
     else:

@@ -13,7 +13,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from mmalign.config import Config, ConfigError, load_config, save_config
 from mmalign.data.reader import DataError, FieldSpec, ShardError, check_urls
 from mmalign.data.report import DataReport
 from mmalign.data.schema import check_schema
-from mmalign.data.stream import StreamSettings, TrainStream, describe_split
+from mmalign.data.stream import StreamSettings, TrainStream, describe_split, pass_order
 from mmalign.distributed import create_accelerator
 from mmalign.evaluate import evaluate_model, format_table
 from mmalign.index import build_index
@@ -304,10 +304,13 @@ def train(config: Config) -> Path:
         compile_towers(model)
     model, optimizer = accelerator.prepare(model, optimizer)
 
+    def order(pass_index: int) -> list[str]:
+        return pass_order(urls, config.run.seed, pass_index, config.data.shuffle_shards)
+
     start_step, data_state, report = 0, None, DataReport(warn_every=config.data.warn_every)
     if checkpoint is not None:
         start_step, data_state, saved_report = ckpt.restore_checkpoint(
-            checkpoint, model, optimizer, scheduler, accelerator, config.data.workers
+            checkpoint, model, optimizer, scheduler, accelerator, config.data.workers, order
         )
         report = DataReport.from_dict(saved_report, warn_every=config.data.warn_every)
     loader = create_loader(config, accelerator, urls, accelerator.unwrap_model(model), data_state)
@@ -319,7 +322,7 @@ def train(config: Config) -> Path:
     if data_state is not None:
         progress.batches = data_state["batches"]
         progress.workers = data_state["workers"]
-    run_loop(config, accelerator, run_dir, model, optimizer, scheduler, loader, progress, report, total_steps)
+    run_loop(config, accelerator, run_dir, model, optimizer, scheduler, loader, progress, report, total_steps, order)
     finish(config, accelerator, run_dir, model, report, progress)
     return run_dir
 
@@ -374,6 +377,7 @@ def run_loop(
     progress: Progress,
     report: DataReport,
     total_steps: int,
+    shard_order: Callable[[int], list[str]],
 ) -> None:
     """Train from ``progress.step`` to ``total_steps``, logging and checkpointing on the way."""
     loss_fn = InfoNCELoss()
@@ -411,6 +415,7 @@ def run_loop(
                 accelerator,
                 monitor.report.to_dict(),
                 config.train.keep_checkpoints,
+                shard_order,
             )
     bar.close()
 

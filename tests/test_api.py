@@ -97,6 +97,13 @@ def test_load_errors(tmp_path):
         mmalign.load("mm-test", weights=tmp_path / "nope.safetensors")
 
 
+def test_load_model_file_of_saved_folder(tiny_run):
+    model = mmalign.load(tiny_run / "model.safetensors", device="cpu")
+    reference = mmalign.load(tiny_run, device="cpu")
+    image = shape_image("green", "cross")
+    assert torch.allclose(model.encode_images([image]), reference.encode_images([image]))
+
+
 def test_load_architecture_with_weights_file(tiny_run):
     model = mmalign.load("mm-test", weights=tiny_run / "model.safetensors", device="cpu")
     reference = mmalign.load(tiny_run, device="cpu")

@@ -160,3 +160,11 @@ def test_multi_caption_split_on_newline_only():
 def test_multi_caption_all_empty_is_skipped():
     with pytest.raises(SampleError, match="empty_caption"):
         split_captions(["", "  "])
+
+
+def test_truncated_image_loading_stays_off():
+    from PIL import ImageFile
+
+    import mmalign.data.decode  # noqa: F401
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False

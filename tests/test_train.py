@@ -156,3 +156,26 @@ def test_warmup_longer_than_run_is_clipped(tmp_path, shard_dir, caplog):
     run_dir = train(config)
     assert "longer than the run" in caplog.text
     assert read_metrics(run_dir)[-1]["train/lr"] == pytest.approx(3e-3)
+
+
+def test_resume_with_other_shards_restarts_the_data(tmp_path, shard_dir, caplog):
+    config = tiny_config(tmp_path, shard_dir, train={"steps": 4, "checkpoint_every": 2}, eval={"shards": None})
+    train(config.model_copy(update={"train": config.train.model_copy(update={"steps": 2})}))
+    state = json.loads((tmp_path / "runs" / "tiny" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["shard_orders"]["0"]
+    first_shard_only = shard_dir["train"].replace("{000..001}", "000")
+    changed = config.model_copy(
+        update={
+            "run": config.run.model_copy(update={"resume": "auto"}),
+            "data": config.data.model_copy(update={"train_shards": first_shard_only}),
+        }
+    )
+    train(changed)
+    assert "the shards or their order differ" in caplog.text
+    assert read_metrics(tmp_path / "runs" / "tiny")[-1]["step"] == 4
+
+
+def test_tensorboard_logging_writes_events(tmp_path, shard_dir):
+    pytest.importorskip("tensorboard")
+    run_dir = train(tiny_config(tmp_path, shard_dir, train={"steps": 2, "tensorboard": True}, eval={"shards": None}))
+    assert list(run_dir.rglob("events.out.tfevents.*"))
