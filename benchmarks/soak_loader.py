@@ -5,8 +5,8 @@
 The loader is mmalign's training stream with persistent DataLoader workers,
 the default model's image transform and tokenizer, and no model step, so the
 numbers show the loader alone. RSS is summed over the main process and its
-worker processes; it should level off after the first pass (the shuffle buffer
-and prefetched batches fill) and then stay flat.
+worker processes. It should level off after the first pass, once the shuffle
+buffer and the prefetched batches are full, and then stay flat.
 """
 
 from __future__ import annotations

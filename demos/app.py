@@ -149,7 +149,7 @@ def build_app(demo: Demo) -> gr.Blocks:
 
 
 def launch(app: gr.Blocks, host: str, port: int | None, share: bool, block: bool = True) -> str:
-    """Start the server; return its local URL. Binds only to ``host`` (127.0.0.1 unless told otherwise)."""
+    """Start the server; return its local URL. The server binds only to ``host`` (127.0.0.1 by default)."""
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])
     app.launch(
         server_name=host,

@@ -69,7 +69,7 @@ class AlignedModel:
         white, pixel cap). Returns normalised embeddings of shape (N, D).
 
         Raises:
-            SampleError: an image cannot be decoded (``reason`` says why).
+            SampleError: an image cannot be decoded (``reason`` names the cause).
             FileNotFoundError: a path does not exist.
         """
         if isinstance(images, torch.Tensor) and images.ndim == 3:

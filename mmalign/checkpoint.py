@@ -169,10 +169,10 @@ def save_checkpoint(
     keep: int,
     shard_order: Callable[[int], list[str]],
 ) -> None:
-    """Write checkpoints/step-N atomically; every process must call this at the same step.
+    """Write checkpoints/step-N atomically. Every process must call this at the same step.
 
-    ``shard_order(pass)`` gives the shard order of a pass; the orders of the passes the
-    loader streams are in are stored, so a resume can tell whether the shards changed.
+    ``shard_order(pass)`` returns the shard order of a pass. The orders of the passes the
+    loader streams are in are stored, so that a resume can tell whether the shards changed.
     """
     staging = staging_dir(run_dir, step)
     data_states = gather_object([data_state])

@@ -1,6 +1,6 @@
 """Typed configuration: frozen sections read from YAML or TOML, with dotted overrides.
 
-A config file holds the sections below; any field can be overridden on the
+A config file contains the sections below. Any field can be overridden on the
 command line as ``section.field=value`` (``optim.lr=5e-4``), where the value is
 parsed as YAML (``true``, ``[1, 5]``, ``null``). Unknown keys, wrong types and
 missing required values raise :class:`ConfigError` naming the key and what is
@@ -56,7 +56,9 @@ class DataConfig(_Section):
         ..., description="shard URL pattern(s): local paths with braces, pipe: commands or http(s) URLs"
     )
     image_keys: list[str] = Field(["jpg", "jpeg", "png", "webp"], min_length=1)
-    caption_key: str = Field("txt", description="tar member suffix that holds the caption")
+    caption_key: str = Field(
+        "txt", description="tar member suffix of the caption, or json:FIELD for a field of KEY.json"
+    )
     caption_json_field: str | None = Field(
         None, description="field of KEY.json used when the caption member is missing"
     )

@@ -14,7 +14,7 @@ An index folder holds:
 - ``parts/``: one file set per shard while building, so an interrupted build resumes.
 
 Search is exact (a matrix product) below ``ann_threshold`` items and approximate
-with FAISS (HNSW or IVF, inner product on normalised embeddings) above it; the
+with FAISS (HNSW or IVF, inner product on normalised embeddings) above it. The
 approximate index's recall@10 against exact search is measured when it is built.
 """
 
@@ -147,7 +147,7 @@ def build_index(
     model are not embedded again.
 
     Raises:
-        IndexFolderError: ``out`` holds parts embedded by a different model.
+        IndexFolderError: ``out`` contains parts embedded by a different model.
         ShardError: a shard is missing or unreadable.
     """
     if approximate not in ("auto", "never", "always") or ann_kind not in ("hnsw", "ivf"):
@@ -163,7 +163,7 @@ def build_index(
     parts.mkdir(parents=True, exist_ok=True)
     meta_path = parts / "_model.json"
     if meta_path.exists() and json.loads(meta_path.read_text())["fingerprint"] != fingerprint:
-        raise IndexFolderError(f"{out} holds embeddings from another model; delete {parts} or choose another --out")
+        raise IndexFolderError(f"{out} contains embeddings from another model; delete {parts} or choose another --out")
     meta_path.write_text(json.dumps({"model": str(model_dir), "fingerprint": fingerprint}))
 
     model = load(model_dir, device=device)

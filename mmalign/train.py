@@ -57,7 +57,7 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class Progress:
-    """Where training is: the step, and each worker stream's position on this process."""
+    """The training position: the step, and each loader stream's place in the data on this process."""
 
     step: int = 0
     batches: int = 0
@@ -118,7 +118,7 @@ def prepare_run_dir(config: Config, accelerator: Accelerator) -> tuple[Path, Pat
     """Create the run directory; return it and the checkpoint to resume from, if any.
 
     Raises:
-        TrainingError: the directory holds an earlier run and ``run.resume`` is ``none``.
+        TrainingError: the directory contains an earlier run and ``run.resume`` is ``none``.
     """
     run_dir = Path(config.run.output_dir) / config.run.name
     resume = config.run.resume
@@ -133,7 +133,7 @@ def prepare_run_dir(config: Config, accelerator: Accelerator) -> tuple[Path, Pat
             raise ConfigError(f"run.resume={resume!r} is not a complete checkpoint folder (no {ckpt.STATE_FILE})")
     elif ckpt.list_checkpoints(run_dir) or (run_dir / "model.safetensors").exists():
         raise TrainingError(
-            f"{run_dir} already holds a run; continue it with run.resume=auto, "
+            f"{run_dir} already contains a run; continue it with run.resume=auto, "
             f"or start a new one with run.name=NAME (the existing files are left untouched)"
         )
     if accelerator.is_main_process:
@@ -207,10 +207,10 @@ def train_step(
 ) -> torch.Tensor:
     """Run forward and backward for one optimizer step; return this process's loss.
 
-    With several micro-batches the negatives span all of them: embeddings are
-    computed without gradients, the loss over the whole effective batch gives
-    gradients for the embeddings, and each micro-batch is then recomputed with
-    gradients and back-propagated against them (the GradCache method).
+    With several micro-batches the negatives span all of them. Embeddings are first
+    computed without gradients, and the loss over the whole effective batch gives the
+    gradients of those embeddings. Each micro-batch is then recomputed with gradients
+    and back-propagated against them (the GradCache method).
     """
     if len(micro_batches) == 1:
         with accelerator.autocast():
@@ -263,12 +263,12 @@ def next_micro_batches(
     batches: Iterator[dict[str, Any]], count: int, progress: Progress, device: torch.device
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Take ``count`` batches from the loader; return them on the device, and their info records."""
-    taken, infos = [], []
+    micro_batches, infos = [], []
     for _ in range(count):
         batch = next(batches)
         progress.record(batch["info"])
         infos.append(batch["info"])
-        taken.append(
+        micro_batches.append(
             {
                 "image": batch["image"].to(device, non_blocking=True),
                 "text": batch["text"].to(device, non_blocking=True),
@@ -276,11 +276,11 @@ def next_micro_batches(
                 "shards": batch["info"].get("shards", []),
             }
         )
-    return taken, infos
+    return micro_batches, infos
 
 
 def train(config: Config) -> Path:
-    """Train a model as ``config`` says; return the run directory.
+    """Train a model as ``config`` sets out; return the run directory.
 
     Writes config.yaml, metrics.jsonl, checkpoints/, the final model
     (model.safetensors, open_clip_config.json), data_report.json and eval.json.

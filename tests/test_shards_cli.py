@@ -85,7 +85,7 @@ def test_build_is_deterministic_and_refuses_to_overwrite(tmp_path):
     build(str(tmp_path / "in"), BuildOptions(out=tmp_path / "one"), progress=False)
     build(str(tmp_path / "in"), BuildOptions(out=tmp_path / "two", workers=2), progress=False)
     assert (tmp_path / "one" / "shard-000000.tar").read_bytes() == (tmp_path / "two" / "shard-000000.tar").read_bytes()
-    with pytest.raises(BuildError, match=r"already holds shards.*--overwrite"):
+    with pytest.raises(BuildError, match=r"already contains shards.*--overwrite"):
         build(str(tmp_path / "in"), BuildOptions(out=tmp_path / "one"), progress=False)
     build(str(tmp_path / "in"), BuildOptions(out=tmp_path / "one", overwrite=True), progress=False)
 

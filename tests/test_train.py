@@ -134,7 +134,7 @@ def test_resume_continues_with_same_losses(tmp_path, shard_dir, monkeypatch, wor
 def test_existing_run_dir_is_not_overwritten(tmp_path, shard_dir):
     config = tiny_config(tmp_path, shard_dir, train={"steps": 2}, eval={"shards": None})
     train(config)
-    with pytest.raises(TrainingError, match="already holds a run"):
+    with pytest.raises(TrainingError, match="already contains a run"):
         train(config)
 
 

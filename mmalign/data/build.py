@@ -373,7 +373,7 @@ def prepare_output(options: BuildOptions) -> None:
     ]
     if existing and not options.overwrite:
         raise BuildError(
-            f"{options.out} already holds shards ({existing[0].name}, {len(existing)} files in all); "
+            f"{options.out} already contains shards ({existing[0].name}, {len(existing)} files in all); "
             "pass --overwrite to replace them or choose another --out"
         )
     for path in existing:

@@ -165,7 +165,7 @@ class CaptionResult:
 
 
 def decode_caption_bytes(raw: bytes, encoding_fallback: str = "cp1252") -> tuple[str, list[str]]:
-    """Decode caption bytes as UTF-8 (BOM removed), falling back as the caption policy says."""
+    """Decode caption bytes as UTF-8 (BOM removed), with the caption policy's fallback for invalid UTF-8."""
     repairs = []
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
