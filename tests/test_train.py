@@ -179,3 +179,24 @@ def test_tensorboard_logging_writes_events(tmp_path, shard_dir):
     pytest.importorskip("tensorboard")
     run_dir = train(tiny_config(tmp_path, shard_dir, train={"steps": 2, "tensorboard": True}, eval={"shards": None}))
     assert list(run_dir.rglob("events.out.tfevents.*"))
+
+
+def test_hf_text_tower_model_round_trips(tmp_path):
+    from mmalign.config import ModelConfig
+    from mmalign.model import create_model, create_tokenizer, save_model
+
+    model = create_model(ModelConfig(name="mm-tiny-minilm", freeze_text=True)).eval()
+    folder = tmp_path / "saved"
+    save_model(model, folder)
+    for name in ("config.json", "tokenizer.json", "vocab.txt", "model.safetensors", "open_clip_config.json"):
+        assert (folder / name).is_file(), name
+    tokens = create_tokenizer(model)(["a red heart"])
+    with torch.no_grad():
+        expected = model.encode_text(tokens)
+        theirs, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+        assert torch.allclose(theirs.eval().encode_text(tokens), expected, atol=1e-5)
+        # mmalign's loader also works after the folder has moved
+        moved = tmp_path / "moved"
+        folder.rename(moved)
+        ours = load_model(moved)
+        assert torch.allclose(ours.encode_text(create_tokenizer(ours)(["a red heart"])), expected, atol=1e-5)
