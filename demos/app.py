@@ -158,7 +158,8 @@ def launch(app: gr.Blocks, host: str, port: int | None, share: bool, block: bool
         max_file_size=MAX_UPLOAD,
         prevent_thread_lock=not block,
         show_error=True,
-        quiet=not block,
+        # Gradio's own start-up lines suggest launch() arguments; mmalign demo logs the URL itself
+        quiet=True,
         theme=theme,
     )
     return app.local_url

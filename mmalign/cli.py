@@ -25,9 +25,13 @@ Run `mmalign COMMAND --help` for the options of a command.
 """
 
 
-def add_field_options(parser: argparse.ArgumentParser) -> None:
+def add_field_options(parser: argparse.ArgumentParser, caption_default: str | None = "txt") -> None:
     parser.add_argument("--image-keys", default="jpg,jpeg,png,webp", help="image member suffixes, comma-separated")
-    parser.add_argument("--caption-key", default="txt", help="caption member suffix, or json:FIELD")
+    parser.add_argument(
+        "--caption-key",
+        default=caption_default,
+        help="caption member suffix, or json:FIELD" + ("" if caption_default else " (default: the run's, else txt)"),
+    )
     parser.add_argument("--caption-json-field", help="KEY.json field used when the caption member is missing")
     parser.add_argument("--max-pixels", type=int, default=25_000_000, help="pixel cap per image")
 
@@ -157,7 +161,8 @@ def index_parser() -> argparse.ArgumentParser:
     build.add_argument("--ann-threshold", type=int, default=100_000, help="items above which auto uses FAISS")
     build.add_argument("--ann-kind", default="hnsw", choices=["hnsw", "ivf"])
     build.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    add_field_options(build)
+    build.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
+    add_field_options(build, caption_default=None)
     search = commands.add_parser("search", help="search an index by text (images) or by image (captions)")
     search.add_argument("index", type=Path, help="index folder")
     query = search.add_mutually_exclusive_group(required=True)
@@ -168,6 +173,17 @@ def index_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_caption_key(model_dir: Path) -> str:
+    """Return the caption key a run was trained with (from its config.yaml), or txt."""
+    import yaml
+
+    config = model_dir / "config.yaml"
+    if config.is_file():
+        data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        return str(data.get("data", {}).get("caption_key", "txt"))
+    return "txt"
+
+
 def index_main(argv: Sequence[str]) -> int:
     from mmalign.data.decode import SampleError
     from mmalign.data.reader import ShardError
@@ -176,6 +192,8 @@ def index_main(argv: Sequence[str]) -> int:
     args = index_parser().parse_args(argv)
     try:
         if args.command == "build":
+            if args.caption_key is None:
+                args.caption_key = run_caption_key(Path(args.model))
             info = build_index(
                 args.model,
                 args.shards,
@@ -186,6 +204,7 @@ def index_main(argv: Sequence[str]) -> int:
                 ann_threshold=args.ann_threshold,
                 ann_kind=args.ann_kind,
                 device=args.device,
+                overwrite=args.overwrite,
             )
             print(json.dumps({key: value for key, value in info.items() if key != "shards"}, indent=1))
             return 0

@@ -25,6 +25,10 @@ def load_app_module() -> ModuleType:
             f"the demo app {APP_PATH} is not there; the demo runs from a source checkout of mmalign "
             "(git clone, then pip install -e '.[demo]')"
         )
+    if importlib.util.find_spec("gradio") is None:
+        raise FileNotFoundError(
+            "the demo needs gradio: pip install -e '.[demo]' (into the environment mmalign runs in)"
+        )
     spec = importlib.util.spec_from_file_location("mmalign_demo_app", APP_PATH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -77,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, IndexFolderError) as error:
         logger.error("%s", error)
         return 2
+    logger.info("starting the demo on http://%s:%d (Ctrl-C stops it)", args.host, args.port)
     module.launch(app, args.host, args.port, args.share, block=True)
     return 0
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mmalign.config import Config, ConfigError, apply_overrides, build_config, read_config_file
-from mmalign.data.reader import FieldSpec, check_urls
+from mmalign.data.reader import DataError, FieldSpec, ShardError, check_urls
 from mmalign.data.report import DataReport
 from mmalign.data.stream import EvalStream, StreamSettings
 from mmalign.logs import configure_logging
@@ -40,7 +40,10 @@ def read_class_file(path: str | Path) -> ClassFile:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"eval.classes={str(path)!r}: class file not found")
+        raise ConfigError(
+            f"eval.classes={str(path)!r}: class file not found (working directory {Path.cwd()}); "
+            "fix the path or run from the folder it is relative to"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
@@ -261,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     try:
         return run_eval(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, DataError, ShardError, FileNotFoundError) as error:
         logging.getLogger("mmalign").error("%s", error)
         return 2
 
@@ -289,3 +292,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if accelerator.is_main_process:
         sys.stdout.write(format_table(results) + "\n")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

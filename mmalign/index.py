@@ -140,6 +140,7 @@ def build_index(
     thumbnail_side: int = THUMBNAIL_SIDE,
     device: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Embed every image and caption of ``shards`` with the model at ``model_path`` into ``out``.
 
@@ -147,7 +148,8 @@ def build_index(
     model are not embedded again.
 
     Raises:
-        IndexFolderError: ``out`` contains parts embedded by a different model.
+        IndexFolderError: ``out`` already contains an index (and ``overwrite`` is not set),
+            or parts embedded by a different model.
         ShardError: a shard is missing or unreadable.
     """
     if approximate not in ("auto", "never", "always") or ann_kind not in ("hnsw", "ivf"):
@@ -156,6 +158,10 @@ def build_index(
         )
     urls = check_urls(shards, "--shards")
     out = Path(out)
+    if (out / INDEX_FILE).is_file() and not overwrite:
+        raise IndexFolderError(
+            f"{out} already contains an index; pass --overwrite to replace it or choose another --out"
+        )
     fields = fields or FieldSpec()
     model_dir = Path(model_path).resolve()
     fingerprint = model_fingerprint(model_dir)

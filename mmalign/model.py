@@ -363,10 +363,18 @@ def atomic_write(target: Path, write) -> None:
     os.close(handle)
     try:
         write(temporary)
+        # mkstemp creates the file readable by its owner only; give it the usual permissions
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -135,3 +135,24 @@ class Monitor:
         if self.accelerator.is_main_process:
             with self.metrics_path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+
+
+def set_aside_later_records(metrics_path: Path, step: int) -> int:
+    """Move records after ``step`` (written by an interrupted run) to metrics.superseded.jsonl.
+
+    A resumed run logs those steps again, so metrics.jsonl keeps one record per
+    step; the interrupted run's records stay in the superseded file. Returns how
+    many records were moved.
+    """
+    if not metrics_path.is_file():
+        return 0
+    kept, later = [], []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            (later if json.loads(line).get("step", 0) > step else kept).append(line)
+    if later:
+        superseded = metrics_path.with_name("metrics.superseded.jsonl")
+        with superseded.open("a", encoding="utf-8") as handle:
+            handle.write("\n".join(later) + "\n")
+        metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    return len(later)

@@ -25,6 +25,7 @@ from accelerate.utils import gather_object, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mmalign import checkpoint as ckpt
 from mmalign.config import Config, ConfigError, load_config, save_config
@@ -45,7 +46,7 @@ from mmalign.model import (
     save_model,
     set_train_mode,
 )
-from mmalign.monitor import Monitor
+from mmalign.monitor import Monitor, set_aside_later_records
 from mmalign.optim import create_optimizer, create_scheduler
 
 logger = get_logger("mmalign.train")
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("mmalign").error("%s", error)
         return 2
     except KeyboardInterrupt:
-        logging.getLogger("mmalign").error("interrupted; continue from the last checkpoint with run.resume=auto")
+        # train() has logged the step and the checkpoint to resume from
         return 130
     return 0
 
@@ -313,6 +314,10 @@ def train(config: Config) -> Path:
             checkpoint, model, optimizer, scheduler, accelerator, config.data.workers, order
         )
         report = DataReport.from_dict(saved_report, warn_every=config.data.warn_every)
+        if accelerator.is_main_process:
+            moved = set_aside_later_records(run_dir / "metrics.jsonl", start_step)
+            if moved:
+                logger.info("moved %d metrics records after step %d to metrics.superseded.jsonl", moved, start_step)
     loader = create_loader(config, accelerator, urls, accelerator.unwrap_model(model), data_state)
     log_run_start(config, accelerator, model, total_steps, start_step)
     if config.train.tensorboard:
@@ -322,9 +327,31 @@ def train(config: Config) -> Path:
     if data_state is not None:
         progress.batches = data_state["batches"]
         progress.workers = data_state["workers"]
-    run_loop(config, accelerator, run_dir, model, optimizer, scheduler, loader, progress, report, total_steps, order)
+    if start_step >= total_steps and already_finished(config, run_dir):
+        logger.info("%s already finished its %d steps; nothing to do", run_dir, total_steps)
+        accelerator.end_training()
+        return run_dir
+    run = TrainingRun(
+        config, accelerator, run_dir, model, optimizer, scheduler, loader, progress, report, total_steps, order
+    )
+    try:
+        run_loop(run)
+    except KeyboardInterrupt:
+        latest = ckpt.latest_checkpoint(run_dir)
+        logger.error(
+            "interrupted at step %d; %s",
+            progress.step,
+            f"run.resume=auto continues from {latest}" if latest else "no checkpoint was written yet",
+        )
+        raise
     finish(config, accelerator, run_dir, model, report, progress)
     return run_dir
+
+
+def already_finished(config: Config, run_dir: Path) -> bool:
+    """Return whether the run directory has the final model and, if evaluation is on, its scores."""
+    evaluated = config.eval.shards is None or (run_dir / "eval.json").is_file()
+    return (run_dir / "model.safetensors").is_file() and evaluated
 
 
 def compile_towers(model: nn.Module) -> None:
@@ -339,7 +366,7 @@ def log_run_start(config: Config, accelerator: Accelerator, model: nn.Module, to
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     global_batch = config.train.batch_size * config.train.accumulation_steps * accelerator.num_processes
     logger.info(
-        "model %s: %.1fM parameters (%.1fM trainable); %d processes on %s, mixed precision %s",
+        "model %s: %.1fM parameters (%.1fM trainable); %d process(es) on %s, mixed precision %s",
         config.model.name,
         parameters / 1e6,
         trainable / 1e6,
@@ -366,58 +393,73 @@ def flat_hparams(config: Config) -> dict[str, Any]:
     return flat
 
 
-def run_loop(
-    config: Config,
-    accelerator: Accelerator,
-    run_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    loader: DataLoader,
-    progress: Progress,
-    report: DataReport,
-    total_steps: int,
-    shard_order: Callable[[int], list[str]],
-) -> None:
-    """Train from ``progress.step`` to ``total_steps``, logging and checkpointing on the way."""
+@dataclass
+class TrainingRun:
+    """Everything the step loop uses, built by :func:`train`."""
+
+    config: Config
+    accelerator: Accelerator
+    run_dir: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: DataLoader
+    progress: Progress
+    report: DataReport
+    total_steps: int
+    shard_order: Callable[[int], list[str]]
+
+
+def run_loop(run: TrainingRun) -> None:
+    """Train from ``run.progress.step`` to ``run.total_steps``, logging and checkpointing on the way."""
+    config, accelerator, progress = run.config, run.accelerator, run.progress
     loss_fn = InfoNCELoss()
-    monitor = Monitor(config, accelerator, run_dir, report)
-    batches = iter(loader)
-    set_train_mode(accelerator.unwrap_model(model))
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_main_process, desc="train")
-    while progress.step < total_steps:
-        wait_start = time.perf_counter()
-        micro_batches, infos = next_micro_batches(
-            batches, config.train.accumulation_steps, progress, accelerator.device
-        )
-        compute_start = time.perf_counter()
-        loss = train_step(model, loss_fn, micro_batches, accelerator)
-        global_loss = accelerator.reduce(loss, reduction="mean").item()
-        if not math.isfinite(global_loss):
-            shards = sorted({shard for batch in micro_batches for shard in batch["shards"]})
-            raise TrainingError(
-                f"non-finite loss {global_loss} at step {progress.step + 1}; shards in flight: {shards}"
+    monitor = Monitor(config, accelerator, run.run_dir, run.report)
+    batches = iter(run.loader)
+    set_train_mode(accelerator.unwrap_model(run.model))
+    bar = tqdm(total=run.total_steps, initial=progress.step, disable=not accelerator.is_main_process, desc="train")
+    # log lines go above the progress bar instead of onto it
+    with logging_redirect_tqdm():
+        while progress.step < run.total_steps:
+            wait_start = time.perf_counter()
+            micro_batches, infos = next_micro_batches(
+                batches, config.train.accumulation_steps, progress, accelerator.device
             )
-        grad_norm = optimizer_step(model, optimizer, scheduler, config, accelerator)
-        progress.step += 1
-        bar.update(1)
-        monitor.record(infos, global_loss, grad_norm, compute_start - wait_start, time.perf_counter() - compute_start)
-        if progress.step % config.train.log_every == 0 or progress.step == total_steps:
-            monitor.log(progress.step, accelerator.unwrap_model(model), scheduler.get_last_lr()[0])
-        if progress.step % config.train.checkpoint_every == 0 or progress.step == total_steps:
-            ckpt.save_checkpoint(
-                run_dir,
-                progress.step,
-                progress.data_state(),
-                model,
-                optimizer,
-                scheduler,
-                accelerator,
-                monitor.report.to_dict(),
-                config.train.keep_checkpoints,
-                shard_order,
+            compute_start = time.perf_counter()
+            loss = train_step(run.model, loss_fn, micro_batches, accelerator)
+            global_loss = accelerator.reduce(loss, reduction="mean").item()
+            if not math.isfinite(global_loss):
+                shards = sorted({shard for batch in micro_batches for shard in batch["shards"]})
+                raise TrainingError(
+                    f"non-finite loss {global_loss} at step {progress.step + 1}; shards in flight: {shards}"
+                )
+            grad_norm = optimizer_step(run.model, run.optimizer, run.scheduler, config, accelerator)
+            progress.step += 1
+            bar.update(1)
+            monitor.record(
+                infos, global_loss, grad_norm, compute_start - wait_start, time.perf_counter() - compute_start
             )
+            last = progress.step == run.total_steps
+            if progress.step % config.train.log_every == 0 or last:
+                monitor.log(progress.step, accelerator.unwrap_model(run.model), run.scheduler.get_last_lr()[0])
+            if progress.step % config.train.checkpoint_every == 0 or last:
+                save_checkpoint(run, monitor.report)
     bar.close()
+
+
+def save_checkpoint(run: TrainingRun, report: DataReport) -> None:
+    ckpt.save_checkpoint(
+        run.run_dir,
+        run.progress.step,
+        run.progress.data_state(),
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        run.accelerator,
+        report.to_dict(),
+        run.config.train.keep_checkpoints,
+        run.shard_order,
+    )
 
 
 def finish(
@@ -440,7 +482,9 @@ def finish(
         if accelerator.is_main_process:
             sys.stdout.write(format_table(results) + "\n")
         if config.eval.build_index and accelerator.is_main_process:
-            build_index(run_dir, config.eval.shards, run_dir / "index", field_spec(config), progress=False)
+            build_index(
+                run_dir, config.eval.shards, run_dir / "index", field_spec(config), progress=False, overwrite=True
+            )
         accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -159,10 +159,14 @@ def test_index_build_resumes_and_checks_model(tiny_run, tmp_path, monkeypatch):
     assert info["images"] == 96
     assert not (out / "parts").exists()
 
+    # a finished index is not replaced by accident
+    with pytest.raises(IndexFolderError, match="already contains an index.*--overwrite"):
+        build_index(tiny_run, shards, out, progress=False)
+
     (out / "parts").mkdir()
     (out / "parts" / "_model.json").write_text(json.dumps({"model": "other", "fingerprint": "0" * 16}))
     with pytest.raises(IndexFolderError, match="another model"):
-        build_index(tiny_run, shards, out, progress=False)
+        build_index(tiny_run, shards, out, progress=False, overwrite=True)
 
 
 def test_approximate_index_reports_recall(tiny_run, tmp_path):

@@ -123,10 +123,12 @@ def test_resume_continues_with_same_losses(tmp_path, shard_dir, monkeypatch, wor
     monkeypatch.setattr(train_module, "optimizer_step", real_step)
 
     run_dir = train(config.model_copy(update={"run": config.run.model_copy(update={"resume": "auto"})}))
-    resumed = {}
-    for record in read_metrics(run_dir):
-        resumed[record["step"]] = record["train/loss"]  # the resumed run's records come last
-    assert sorted(resumed) == list(range(1, 21))
+    records = read_metrics(run_dir)
+    # one record per step: the interrupted run's steps 11-13 moved to metrics.superseded.jsonl
+    assert [record["step"] for record in records] == list(range(1, 21))
+    superseded = (run_dir / "metrics.superseded.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in superseded if "train/loss" in line] == [11, 12, 13]
+    resumed = {record["step"]: record["train/loss"] for record in records}
     for step in range(11, 21):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
 

@@ -404,7 +404,7 @@ def build(source: str, options: BuildOptions, progress: bool = True) -> dict[str
 
     with ProcessPoolExecutor(max_workers=max(1, options.workers)) as pool:
         results = pool.map(_process_star, jobs(), chunksize=16) if options.workers > 1 else map(_process_star, jobs())
-        for result in tqdm(results, desc="build", unit="sample", disable=not progress):
+        for result in tqdm(results, desc="build", unit=" samples", disable=not progress):
             if isinstance(result, tuple):
                 skipped[result[1]] += 1
                 continue

@@ -103,13 +103,20 @@ class ShardEnd:
 
 
 def expand_urls(spec: str | Sequence[str]) -> list[str]:
-    """Expand shard patterns (``train-{000..007}.tar``, several joined by ``::`` or given as a list)."""
+    """Expand shard patterns into URLs.
+
+    A pattern is a brace pattern (``train-{000..007}.tar``), several of them joined by
+    ``::`` or given as a list, or a local folder, which stands for every ``.tar`` file
+    in it, in name order.
+    """
     patterns = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for pattern in patterns:
         for part in pattern.split("::"):
             part = part.strip()
-            if part:
+            if part and is_local(part) and local_path(part).is_dir():
+                urls.extend(str(path) for path in sorted(local_path(part).glob("*.tar")))
+            elif part:
                 urls.extend(braceexpand.braceexpand(part))
     return urls
 

@@ -133,7 +133,11 @@ class DataReport:
         )
 
     def summary(self) -> str:
+        ahead = self.read - self.used - self.total_skipped
         text = f"{self.read} samples read, {self.used} used, {self.total_skipped} skipped"
+        if ahead > 0:
+            # the shuffle buffer and the prefetched batches hold samples read but not yet trained on
+            text += f", {ahead} read ahead but not used yet"
         if self.skipped:
             text += f" ({format_counts(self.skipped)})"
         if self.repaired:

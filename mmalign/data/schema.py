@@ -11,6 +11,7 @@ import logging
 from collections import Counter
 from itertools import islice
 
+from mmalign.data.decode import SampleError
 from mmalign.data.reader import (
     DataError,
     FieldSpec,
@@ -21,6 +22,7 @@ from mmalign.data.reader import (
     iter_shard,
     open_url,
 )
+from mmalign.data.sample import caption_candidates, parse_json
 
 logger = logging.getLogger("mmalign.data")
 
@@ -34,10 +36,19 @@ def check_schema(url: str, fields: FieldSpec, section: str = "data", scan_sample
         DataError: none of them has both, with the field names expected and found.
     """
     samples = [item for item in islice(iter_shard(url, fields), scan_samples) if isinstance(item, RawSample)]
-    complete = [sample for sample in samples if fields.image_field(sample) and fields.has_caption(sample)]
+    complete = [sample for sample in samples if fields.image_field(sample) and _caption_readable(sample, fields)]
     if complete:
         _warn_dotted_keys(url)
         return len(complete)
+    json_field = fields.caption_field_in_json
+    with_json = [sample for sample in samples if "json" in sample.fields]
+    if json_field and with_json and all(fields.image_field(sample) for sample in with_json):
+        keys = sorted({key for sample in with_json[:8] for key in parse_json_keys(sample)})
+        raise DataError(
+            f"no sample among the first {len(samples)} of {url} has a caption in KEY.json field {json_field!r} "
+            f"(data.caption_key={fields.caption_key!r}); the JSON fields found are: {', '.join(keys) or 'none'}. "
+            f"Set {section}.caption_key to json:FIELD for one of them, or to txt for KEY.txt captions"
+        )
     found = Counter(suffix for sample in samples for suffix in sample.fields)
     raw_suffixes = _raw_suffixes(url)
     caption = f"{fields.caption_key!r}" + (
@@ -51,6 +62,21 @@ def check_schema(url: str, fields: FieldSpec, section: str = "data", scan_sample
         f"your shards use, e.g. {section}.image_keys=[{_guess(raw_suffixes, ('jpg', 'png', 'webp', 'jpeg'))}] "
         f"{section}.caption_key={_guess(raw_suffixes, ('txt', 'caption', 'text'))}"
     )
+
+
+def _caption_readable(sample: RawSample, fields: FieldSpec) -> bool:
+    try:
+        caption_candidates(sample, fields, "cp1252")
+    except SampleError:
+        return False
+    return True
+
+
+def parse_json_keys(sample: RawSample) -> list[str]:
+    try:
+        return list(parse_json(sample))
+    except SampleError:
+        return []
 
 
 def _raw_suffixes(url: str, limit: int = 200) -> set[str]:
