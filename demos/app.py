@@ -18,7 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr
 
-from mmalign.api import DEFAULT_TEMPLATES, AlignedModel
+from mmalign.api import DEFAULT_TEMPLATES, AlignedModel, is_template
 from mmalign.data.decode import SampleError, decode_image
 from mmalign.index import EmbeddingIndex
 
@@ -46,7 +46,9 @@ class Demo:
             return decode_image(data, self.model.max_pixels).image
         except SampleError as error:
             messages = {
-                "too_many_pixels": f"The image is too large: {error.detail}. Upload a smaller image.",
+                "too_many_pixels": (
+                    f"The image has too many pixels (the limit is {self.model.max_pixels:,}). Upload a smaller image."
+                ),
                 "not_an_image": f"{Path(path).name} is not an image file (JPEG, PNG, WebP, ...).",
                 "empty_image": f"{Path(path).name} is empty.",
                 "truncated_image": f"{Path(path).name} is cut short (truncated); upload the complete file.",
@@ -55,6 +57,7 @@ class Demo:
 
     def parse_labels(self, text: str) -> list[str]:
         labels = [part.strip() for line in (text or "").splitlines() for part in line.split(",")]
+        # a label typed twice is kept once, so it does not count twice in the probabilities
         labels = list(dict.fromkeys(label for label in labels if label))
         if not labels:
             raise gr.Error("No labels: type at least one label, separated by commas or new lines.")
@@ -65,9 +68,11 @@ class Demo:
     @staticmethod
     def parse_templates(text: str) -> list[str]:
         templates = [line.strip() for line in (text or "").splitlines() if line.strip()]
-        bad = [template for template in templates if template.count("{}") != 1]
+        bad = [template for template in templates if not is_template(template)]
         if bad:
-            raise gr.Error(f"Each template needs exactly one {{}} where the label goes; check: {bad[0]!r}")
+            raise gr.Error(
+                f"Each template needs exactly one {{}} where the label goes, and no other braces; check: {bad[0]!r}"
+            )
         return templates or list(DEFAULT_TEMPLATES)
 
     def classify(self, path: str | None, labels_text: str, templates_text: str):

@@ -9,6 +9,7 @@ Shapes: N = images, T = texts, C = labels, D = embedding width.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,16 +48,20 @@ class AlignedModel:
     def _pixels(self, image: ImageInput) -> torch.Tensor:
         """Return one preprocessed image (3, H, W); tensors are taken as already preprocessed."""
         if isinstance(image, torch.Tensor):
-            if image.ndim != 3:
+            if image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(f"an image tensor must have shape (3, H, W), got {tuple(image.shape)}")
             return image
+        if not isinstance(image, str | Path | bytes | Image.Image):
+            raise TypeError(
+                f"an image must be a file path, bytes, a PIL image or a (3, H, W) tensor; got {type(image).__name__}"
+            )
         if isinstance(image, Image.Image):
             return self.preprocess(prepare_image(image, self.max_pixels).image)
         if isinstance(image, bytes):
             return self.preprocess(decode_image(image, self.max_pixels).image)
         path = Path(image)
         if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {path}")
+            raise FileNotFoundError(f"image file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
         return self.preprocess(decode_image(path.read_bytes(), self.max_pixels).image)
 
     @torch.no_grad()
@@ -72,8 +77,13 @@ class AlignedModel:
             SampleError: an image cannot be decoded (``reason`` names the cause).
             FileNotFoundError: a path does not exist.
         """
-        if isinstance(images, torch.Tensor) and images.ndim == 3:
-            images = images[None]
+        _check_batch_size(batch_size)
+        if isinstance(images, str | Path | bytes | Image.Image):
+            raise TypeError("encode_images takes a list of images; wrap a single image as [image]")
+        if isinstance(images, torch.Tensor):
+            images = images[None] if images.ndim == 3 else images
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"an image tensor must have shape (N, 3, H, W); got {tuple(images.shape)}")
         count = len(images)
         chunks = []
         for start in self._progress(range(0, count, batch_size), count, batch_size, progress, "images"):
@@ -86,6 +96,7 @@ class AlignedModel:
         """Embed texts; returns normalised embeddings of shape (T, D)."""
         if isinstance(texts, str):
             raise TypeError("encode_texts takes a list of strings; wrap a single text as [text]")
+        _check_batch_size(batch_size)
         chunks = []
         for start in self._progress(range(0, len(texts), batch_size), len(texts), batch_size, progress, "texts"):
             tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)  # (t, L)
@@ -141,13 +152,15 @@ class AlignedModel:
             One list per image of (label, probability) pairs, most probable first.
         """
         labels = _check_labels(labels)
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be at least 1 (or None for all labels); got {top_k}")
         logits = self.scores(images, labels, templates)  # (N, C)
         if self.uses_sigmoid_loss:
             independent = torch.sigmoid(logits)
             probabilities = independent / independent.sum(dim=1, keepdim=True).clamp_min(1e-12)
         else:
             probabilities = logits.softmax(dim=1)
-        keep = len(labels) if top_k is None else max(1, min(top_k, len(labels)))
+        keep = len(labels) if top_k is None else min(top_k, len(labels))
         values, indices = probabilities.topk(keep, dim=1)
         return [
             [(labels[index], float(value)) for value, index in zip(row_values, row_indices, strict=True)]
@@ -161,20 +174,43 @@ class AlignedModel:
 
 
 def _check_labels(labels: Sequence[str]) -> list[str]:
-    if isinstance(labels, str):
-        raise TypeError("labels must be a list of strings, e.g. ['cat', 'dog']")
-    cleaned = [str(label).strip() for label in labels]
+    if isinstance(labels, str) or not all(isinstance(label, str) for label in labels):
+        raise TypeError(f"labels must be a list of strings, e.g. ['cat', 'dog']; got {labels!r}")
+    cleaned = [label.strip() for label in labels]
     if not cleaned or any(not label for label in cleaned):
         raise ValueError(f"labels must be non-empty strings; got {list(labels)!r}")
+    repeated = sorted({label for label in cleaned if cleaned.count(label) > 1})
+    if repeated:
+        # a repeated label would count twice in the probabilities
+        raise ValueError(f"labels must be distinct; repeated: {repeated}")
     return cleaned
+
+
+def is_template(template: Any) -> bool:
+    """Return whether ``template`` is a string with exactly one ``{}`` and no other format field."""
+    if not isinstance(template, str):
+        return False
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError:
+        # an unmatched { or }
+        return False
+    return fields == [""] and template.format("x").count("x") >= 1
 
 
 def _check_templates(templates: Sequence[str] | None) -> list[str]:
     templates = list(DEFAULT_TEMPLATES if templates is None else templates)
-    bad = [template for template in templates if template.count("{}") != 1]
+    bad = [template for template in templates if not is_template(template)]
     if not templates or bad:
-        raise ValueError(f"each template needs exactly one '{{}}' for the label; got {bad or templates!r}")
+        raise ValueError(
+            f"each template needs exactly one {{}} for the label and no other braces; got {(bad or templates)!r}"
+        )
     return templates
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
 
 
 def default_device() -> torch.device:
@@ -218,4 +254,4 @@ def image_from_bytes(data: bytes) -> Image.Image:
     return decode_image(data).image
 
 
-__all__ = ["DEFAULT_TEMPLATES", "AlignedModel", "image_from_bytes", "load"]
+__all__ = ["DEFAULT_TEMPLATES", "AlignedModel", "image_from_bytes", "is_template", "load"]

@@ -168,6 +168,7 @@ def save_checkpoint(
     report: dict[str, Any],
     keep: int,
     shard_order: Callable[[int], list[str]],
+    config: dict[str, Any] | None = None,
 ) -> None:
     """Write checkpoints/step-N atomically. Every process must call this at the same step.
 
@@ -193,6 +194,7 @@ def save_checkpoint(
         "shard_orders": {str(pass_index): shard_order(pass_index) for pass_index in passes},
         "data_report": report,
         "rng": rng_values_all,
+        "config": config,
     }
     if accelerator.distributed_type in SHARDED_ENGINES:
         # NOTE: this path follows Accelerate's documentation but has not been run here (no GPU)

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomllib
 import yaml
@@ -29,14 +29,31 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: an infinite or NaN learning rate, scale or fraction is a typo, not a setting
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data: Any) -> Any:
+        # pydantic reads true as 1; a number field given true or false is a mistake
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field_info = cls.model_fields.get(name)
+                if isinstance(value, bool) and field_info is not None and _takes_number(field_info.annotation):
+                    raise ValueError(f"{name} must be a number, not {str(value).lower()}")
+        return data
 
 
 class RunConfig(_Section):
-    name: str = "run"
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run directory name, no slashes")
     output_dir: str = "runs"
     seed: int = 0
     resume: str = Field("none", description="'none', 'auto' (newest complete checkpoint) or a checkpoint path")
+
+    @field_validator("resume")
+    @classmethod
+    def _resume_words(cls, value: str) -> str:
+        return value.lower() if value.lower() in ("none", "auto") else value
 
 
 class ModelConfig(_Section):
@@ -70,6 +87,13 @@ class DataConfig(_Section):
     skip_check_after: int = Field(1000, ge=1, description="samples to read before max_skip_fraction applies")
     warn_every: int = Field(1000, ge=1, description="log a skipped sample once, then every N skips")
     caption_encoding_fallback: Literal["cp1252", "skip"] = "cp1252"
+
+    @model_validator(mode="after")
+    def _caption_is_not_an_image(self) -> DataConfig:
+        if self.caption_key.lower() in (key.lower() for key in self.image_keys):
+            raise ValueError(f"caption_key {self.caption_key!r} is one of the image_keys {self.image_keys}")
+        return self
+
     augment_scale: tuple[float, float] = Field(
         (0.9, 1.0), description="RandomResizedCrop area range for training images; (1, 1) turns cropping off"
     )
@@ -87,7 +111,7 @@ class OptimConfig(_Section):
 
 
 class TrainConfig(_Section):
-    batch_size: int = Field(128, gt=0, description="pairs per process per micro-batch")
+    batch_size: int = Field(128, gt=0, le=1 << 20, description="pairs per process per micro-batch")
     accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step; negatives span all of them")
     steps: int | None = Field(None, gt=0, description="optimizer steps to train")
     samples: int | None = Field(None, gt=0, description="pairs to train on, over all processes")
@@ -121,7 +145,7 @@ class EvalConfig(_Section):
         "caption", description="'caption' (the training caption, split on newlines) or a KEY.json list field"
     )
     batch_size: int = Field(256, gt=0)
-    recall_k: list[int] = Field([1, 5, 10], min_length=1)
+    recall_k: list[Annotated[int, Field(ge=1)]] = Field([1, 5, 10], min_length=1)
     workers: int = Field(1, ge=0)
     build_index: bool = Field(False, description="after training, build a search index of eval.shards in RUN/index")
 
@@ -191,6 +215,16 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return result
 
 
+def _takes_number(annotation: Any) -> bool:
+    """Return whether a field's type is a number (int or float, or either or None)."""
+    options = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else (annotation,)
+    )
+    return any(option in (int, float) for option in options)
+
+
 def _takes_text(annotation: Any) -> bool:
     """Return whether a field's type is text only (str, a Literal of strings, or either or None)."""
     options = (
@@ -245,6 +279,13 @@ def _describe(error: ValidationError) -> str:
             lines.append(f"unknown config key {key!r}; allowed here: {', '.join(allowed)}")
         elif item["type"] == "missing":
             lines.append(f"missing required config key {key!r}")
+        elif item["type"] == "value_error":
+            # a section-level check: its message names the key
+            lines.append(f"invalid config in {key!r}: {item['msg'].removeprefix('Value error, ')}")
+        elif item["type"] == "string_pattern_mismatch":
+            lines.append(
+                f"invalid value for {key!r}: {item.get('input')!r}: use letters, digits, '.', '_' and '-' only"
+            )
         else:
             value = item.get("input")
             lines.append(f"invalid value for {key!r}: {value!r}: {item['msg']}")

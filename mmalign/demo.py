@@ -82,7 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", error)
         return 2
     logger.info("starting the demo on http://%s:%d (Ctrl-C stops it)", args.host, args.port)
-    module.launch(app, args.host, args.port, args.share, block=True)
+    try:
+        module.launch(app, args.host, args.port, args.share, block=True)
+    except OSError as error:
+        logger.error("cannot start the server on %s:%d: %s; choose another --port", args.host, args.port, error)
+        return 2
     return 0
 
 

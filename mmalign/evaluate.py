@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mmalign.api import is_template
 from mmalign.config import Config, ConfigError, apply_overrides, build_config, read_config_file
 from mmalign.data.reader import DataError, FieldSpec, ShardError, check_urls
 from mmalign.data.report import DataReport
@@ -52,14 +53,26 @@ def read_class_file(path: str | Path) -> ClassFile:
     if not isinstance(classnames, list) or not classnames or not all(isinstance(c, str) for c in classnames):
         raise ConfigError(f"{path}: 'classnames' must be a non-empty list of strings")
     templates = data.get("templates", ["{}"])
-    bad = [template for template in templates if not isinstance(template, str) or template.count("{}") != 1]
+    if not isinstance(templates, list) or not templates:
+        raise ConfigError(f"{path}: 'templates' must be a non-empty list of strings")
+    bad = [template for template in templates if not is_template(template)]
     if bad:
-        raise ConfigError(f"{path}: every template needs exactly one '{{}}' for the class name; got {bad[:3]}")
+        raise ConfigError(
+            f"{path}: every template needs exactly one {{}} for the class name and no other braces; got {bad[:3]}"
+        )
     labels = data.get("labels")
     if labels is not None:
-        out_of_range = [key for key, value in labels.items() if not (0 <= int(value) < len(classnames))]
+        if not isinstance(labels, dict):
+            raise ConfigError(f"{path}: 'labels' must be an object mapping sample keys to class indices")
+        out_of_range = [
+            key
+            for key, value in labels.items()
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(classnames)
+        ]
         if out_of_range:
-            raise ConfigError(f"{path}: labels of {out_of_range[:3]} are not class indices 0..{len(classnames) - 1}")
+            raise ConfigError(
+                f"{path}: the labels of {out_of_range[:3]} are not class indices 0..{len(classnames) - 1}"
+            )
         labels = {str(key): int(value) for key, value in labels.items()}
     return ClassFile(classnames, templates, labels)
 

@@ -176,7 +176,9 @@ def build_index(
     report = DataReport()
     for number, url in enumerate(tqdm(urls, desc="index", unit="shard", disable=not progress)):
         stem = parts / f"{number:06d}"
-        if (stem.with_suffix(".json")).is_file():
+        part = stem.with_suffix(".json")
+        # a part is reused only if it was embedded from the same shard
+        if part.is_file() and json.loads(part.read_text(encoding="utf-8"))["url"] == url:
             continue
         tensors, items, thumbs = embed_shard(model, url, fields, batch_size, thumbnail_side, report)
         save_file(tensors, str(stem.with_suffix(".safetensors")))
@@ -219,6 +221,8 @@ def merge_parts(
                     texts_file.write(json.dumps({"text": caption, "image": image_count}, ensure_ascii=False) + "\n")
                 image_count += 1
     image_emb, text_emb = torch.cat(image_chunks), torch.cat(text_chunks)
+    if not len(image_emb):
+        raise IndexFolderError(f"no usable sample in {urls}: {report.summary()}; no index was written")
     save_file({"embeddings": image_emb.contiguous()}, str(out / "image_embeddings.safetensors"))
     save_file({"embeddings": text_emb.contiguous()}, str(out / "text_embeddings.safetensors"))
     info: dict[str, Any] = {

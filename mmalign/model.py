@@ -193,15 +193,25 @@ def create_model(config: ModelConfig) -> nn.Module:
     model_cfg = full_model_config(name)
     hf_folder = resolve_hf_text_model(config.name, model_cfg["text_cfg"])
     text_cfg = dict(model_cfg["text_cfg"], hf_model_pretrained=hf_folder is not None and config.pretrained is None)
-    with quiet_model_factories(hf_text=hf_folder is not None):
-        model = open_clip.create_model(
-            name,
-            pretrained=config.pretrained,
-            init_logit_scale=math.log(config.init_logit_scale),
-            pretrained_text=False,
-            weights_only=True,
-            text_cfg=text_cfg,
-        )
+    try:
+        with quiet_model_factories(hf_text=hf_folder is not None):
+            model = open_clip.create_model(
+                name,
+                pretrained=config.pretrained,
+                init_logit_scale=math.log(config.init_logit_scale),
+                pretrained_text=False,
+                weights_only=True,
+                text_cfg=text_cfg,
+            )
+    except Exception as error:
+        if config.pretrained is None:
+            raise
+        # torch.load, safetensors and load_state_dict each fail their own way on a wrong file
+        raise ConfigError(
+            f"model.pretrained={config.pretrained!r}: cannot load it as weights of {name} "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:300]}); give a .safetensors file or a "
+            "PyTorch state dict saved for this architecture (files that need pickle to load are refused)"
+        ) from None
     if config.pretrained is not None:
         logger.info("model %s: weights from %s", name, config.pretrained)
     elif hf_folder is not None:

@@ -22,19 +22,20 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object, set_seed
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mmalign import checkpoint as ckpt
-from mmalign.config import Config, ConfigError, load_config, save_config
+from mmalign.config import Config, ConfigError, config_to_dict, load_config, save_config
 from mmalign.data.reader import DataError, FieldSpec, ShardError, check_urls
 from mmalign.data.report import DataReport
 from mmalign.data.schema import check_schema
 from mmalign.data.stream import StreamSettings, TrainStream, describe_split, pass_order
 from mmalign.distributed import create_accelerator
-from mmalign.evaluate import evaluate_model, format_table
+from mmalign.evaluate import evaluate_model, format_table, read_class_file
 from mmalign.index import build_index
 from mmalign.logs import configure_logging
 from mmalign.loss import InfoNCELoss, at_least_float32
@@ -115,23 +116,27 @@ def create_run_accelerator(config: Config, run_dir: Path) -> Accelerator:
     )
 
 
-def prepare_run_dir(config: Config, accelerator: Accelerator) -> tuple[Path, Path | None]:
-    """Create the run directory; return it and the checkpoint to resume from, if any.
+def prepare_run_dir(config: Config, accelerator: Accelerator) -> tuple[Path, list[Path]]:
+    """Create the run directory; return it and the checkpoints to try resuming from, newest first.
 
     Raises:
         TrainingError: the directory contains an earlier run and ``run.resume`` is ``none``.
+        ConfigError: ``run.resume`` names a folder that is not a checkpoint.
     """
     run_dir = Path(config.run.output_dir) / config.run.name
     resume = config.run.resume
-    checkpoint: Path | None = None
+    checkpoints: list[Path] = []
     if resume == "auto":
-        checkpoint = ckpt.latest_checkpoint(run_dir)
-        if checkpoint is None:
+        checkpoints = ckpt.list_checkpoints(run_dir)[::-1]
+        if not checkpoints:
             logger.info("run.resume=auto: no complete checkpoint in %s, starting from step 0", run_dir)
     elif resume != "none":
-        checkpoint = Path(resume)
-        if not (checkpoint / ckpt.STATE_FILE).is_file():
-            raise ConfigError(f"run.resume={resume!r} is not a complete checkpoint folder (no {ckpt.STATE_FILE})")
+        checkpoints = [Path(resume)]
+        if not (checkpoints[0] / ckpt.STATE_FILE).is_file():
+            raise ConfigError(
+                f"run.resume={resume!r} is not a complete checkpoint folder (no {ckpt.STATE_FILE}); "
+                "use none, auto, or a checkpoints/step-N folder"
+            )
     elif ckpt.list_checkpoints(run_dir) or (run_dir / "model.safetensors").exists():
         raise TrainingError(
             f"{run_dir} already contains a run; continue it with run.resume=auto, "
@@ -140,9 +145,76 @@ def prepare_run_dir(config: Config, accelerator: Accelerator) -> tuple[Path, Pat
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_staging(run_dir)
-        save_config(config, run_dir / "config.yaml")
+        if not checkpoints:
+            # a run that failed before its first checkpoint left records that are not this run's
+            moved = set_aside_later_records(run_dir / "metrics.jsonl", 0)
+            if moved:
+                logger.info("moved %d metrics records of an earlier attempt to metrics.superseded.jsonl", moved)
     accelerator.wait_for_everyone()
-    return run_dir, checkpoint
+    return run_dir, checkpoints
+
+
+def resume_from(
+    checkpoints: list[Path],
+    config: Config,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    accelerator: Accelerator,
+    order: Callable[[int], list[str]],
+) -> tuple[int, dict[str, Any] | None, dict[str, Any]]:
+    """Restore the first readable checkpoint of ``checkpoints`` (newest first).
+
+    A checkpoint that cannot be read (a damaged file) is skipped with a warning, and the
+    one before it is tried. A checkpoint written for another architecture stops the run.
+
+    Raises:
+        TrainingError: no checkpoint could be read, or the model does not match.
+    """
+    for checkpoint in checkpoints:
+        try:
+            restored = ckpt.restore_checkpoint(
+                checkpoint, model, optimizer, scheduler, accelerator, config.data.workers, order
+            )
+        except RuntimeError as error:
+            if "size mismatch" in str(error) or "Missing key" in str(error) or "Unexpected key" in str(error):
+                raise TrainingError(
+                    f"{checkpoint} was written for another architecture than model.name={config.model.name!r}; "
+                    "resume with the model it was trained with, or start a new run with run.name=NAME"
+                ) from None
+            logger.warning("cannot read checkpoint %s (%s); trying the one before it", checkpoint, error)
+            continue
+        except (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError) as error:
+            # a damaged file: safetensors and json report these as ValueError/OSError subclasses
+            logger.warning(
+                "cannot read checkpoint %s (%s: %s); trying the one before it", checkpoint, type(error).__name__, error
+            )
+            continue
+        warn_changed_settings(ckpt.read_state(checkpoint).get("config"), config)
+        return restored
+    raise TrainingError(
+        f"none of the checkpoints {[str(path) for path in checkpoints]} could be read; "
+        "start a new run with run.name=NAME, or run.resume=none after moving the run directory away"
+    )
+
+
+def warn_changed_settings(saved: dict[str, Any] | None, config: Config) -> None:
+    """Warn about optimizer and model settings that differ from the checkpoint's."""
+    if not saved:
+        return
+    current = config_to_dict(config)
+    changed = [
+        f"{section}.{key} ({saved[section].get(key)!r} -> {value!r})"
+        for section in ("model", "optim")
+        for key, value in current[section].items()
+        if section in saved and saved[section].get(key) != value
+    ]
+    if changed:
+        logger.warning(
+            "resuming with settings that differ from the checkpoint's: %s. The optimizer's own settings "
+            "(learning rate, betas, weight decay) come from the checkpoint; the schedule follows the config",
+            ", ".join(changed),
+        )
 
 
 def budget_steps(config: Config, world_size: int) -> int:
@@ -291,10 +363,12 @@ def train(config: Config) -> Path:
     check_schema(urls[0], field_spec(config), "data")
     if config.eval.shards is not None:
         check_urls(config.eval.shards, "eval.shards")
+        if config.eval.classes is not None:
+            read_class_file(config.eval.classes)
 
     run_dir = Path(config.run.output_dir) / config.run.name
     accelerator = create_run_accelerator(config, run_dir)
-    run_dir, checkpoint = prepare_run_dir(config, accelerator)
+    run_dir, checkpoints = prepare_run_dir(config, accelerator)
 
     set_seed(config.run.seed)
     model = create_model(config.model)
@@ -309,15 +383,17 @@ def train(config: Config) -> Path:
         return pass_order(urls, config.run.seed, pass_index, config.data.shuffle_shards)
 
     start_step, data_state, report = 0, None, DataReport(warn_every=config.data.warn_every)
-    if checkpoint is not None:
-        start_step, data_state, saved_report = ckpt.restore_checkpoint(
-            checkpoint, model, optimizer, scheduler, accelerator, config.data.workers, order
+    if checkpoints:
+        start_step, data_state, saved_report = resume_from(
+            checkpoints, config, model, optimizer, scheduler, accelerator, order
         )
         report = DataReport.from_dict(saved_report, warn_every=config.data.warn_every)
         if accelerator.is_main_process:
             moved = set_aside_later_records(run_dir / "metrics.jsonl", start_step)
             if moved:
                 logger.info("moved %d metrics records after step %d to metrics.superseded.jsonl", moved, start_step)
+    if accelerator.is_main_process:
+        save_config(config, run_dir / "config.yaml")
     loader = create_loader(config, accelerator, urls, accelerator.unwrap_model(model), data_state)
     log_run_start(config, accelerator, model, total_steps, start_step)
     if config.train.tensorboard:
@@ -459,6 +535,7 @@ def save_checkpoint(run: TrainingRun, report: DataReport) -> None:
         report.to_dict(),
         run.config.train.keep_checkpoints,
         run.shard_order,
+        config_to_dict(run.config),
     )
 
 

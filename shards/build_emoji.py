@@ -131,7 +131,9 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_split(out: Path, split: str, items: list[tuple[Emoji, bytes]], num_shards: int) -> list[str]:
+def write_split(
+    out: Path, split: str, items: list[tuple[Emoji, bytes]], num_shards: int, first_number: int = 0
+) -> list[str]:
     digits = len(str(num_shards - 1)) if num_shards > 1 else 1
     digits = max(digits, 3)
     per_shard = -(-len(items) // num_shards)
@@ -141,8 +143,9 @@ def write_split(out: Path, split: str, items: list[tuple[Emoji, bytes]], num_sha
         chunk = items[shard * per_shard : (shard + 1) * per_shard]
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for index, (emoji, jpeg) in enumerate(chunk):
-                # img2dataset keys: shard number, then the index inside the shard
-                key = f"{shard:05d}{index:04d}"
+                # img2dataset keys: shard number, then the index inside the shard; the
+                # validation shards are numbered after the training ones, so keys are unique
+                key = f"{first_number + shard:05d}{index:04d}"
                 keywords = [word for word in emoji.keywords if word != emoji.name]
                 meta = {
                     "key": key,
@@ -196,7 +199,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     write_split(args.out, "train", splits["train"], args.train_shards)
-    val_keys = write_split(args.out, "val", splits["val"], args.val_shards)
+    val_keys = write_split(args.out, "val", splits["val"], args.val_shards, first_number=args.train_shards)
 
     class_names = list(GROUP_CLASSES.values())
     group_index = {group: index for index, group in enumerate(GROUP_CLASSES)}

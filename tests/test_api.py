@@ -160,7 +160,7 @@ def test_index_build_resumes_and_checks_model(tiny_run, tmp_path, monkeypatch):
     assert not (out / "parts").exists()
 
     # a finished index is not replaced by accident
-    with pytest.raises(IndexFolderError, match="already contains an index.*--overwrite"):
+    with pytest.raises(IndexFolderError, match=r"already contains an index.*--overwrite"):
         build_index(tiny_run, shards, out, progress=False)
 
     (out / "parts").mkdir()

@@ -85,7 +85,7 @@ def test_classify_with_templates(client, images):
     ("image", "labels", "templates", "message"),
     [
         ("text", "a, b", "", "is not an image file"),
-        ("huge", "a, b", "", "too large"),
+        ("huge", "a, b", "", "too many pixels"),
         ("circle", " , \n ", "", "No labels"),
         ("circle", ", ".join(f"label {n}" for n in range(21)), "", "the limit is 20"),
         ("circle", "a, b", "no placeholder", "exactly one {}"),

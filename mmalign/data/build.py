@@ -18,36 +18,30 @@ give the same shards.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from mmalign.data.build_inputs import BuildError, Record, input_records
 from mmalign.data.decode import SampleError, decode_image, split_captions
-from mmalign.data.reader import FieldSpec, RawSample, ShardTruncated, check_urls, iter_shard
-from mmalign.data.sample import caption_candidates, parse_json
+from mmalign.data.report import format_counts
+from mmalign.data.sample import json_caption_text
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "filepath", "img")
-CAPTION_COLUMNS = ("caption", "text", "title", "description", "alt", "label")
 OUTPUT_FILES = ("_stats.json", "_manifest.json")
-
-
-class BuildError(ValueError):
-    """An input or option that ``shards build`` cannot work with; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -70,17 +64,6 @@ class BuildOptions:
 
 
 @dataclass
-class Record:
-    """One input sample before decoding: where it came from, its image, caption and extra fields."""
-
-    source: str
-    caption: Any
-    image_path: str | None = None
-    image_bytes: bytes | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class Processed:
     source: str
     image: bytes
@@ -92,144 +75,6 @@ class Processed:
     image_hash: str
     extra: dict[str, Any]
     repairs: list[str]
-
-
-def detect_format(path: Path) -> str:
-    if path.is_dir():
-        return "shards" if any(path.glob("*.tar")) and not _has_images(path) else "folder"
-    suffix = path.suffix.lower()
-    formats = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".parquet": "parquet", ".tar": "shards"}
-    if suffix in formats:
-        return formats[suffix]
-    if "{" in str(path) or "::" in str(path):
-        return "shards"
-    raise BuildError(f"cannot tell the input format of {path}; pass --format folder|csv|jsonl|parquet|shards")
-
-
-def _has_images(folder: Path) -> bool:
-    return any(item.suffix.lower() in IMAGE_SUFFIXES for item in folder.iterdir() if item.is_file())
-
-
-def folder_records(root: Path) -> Iterator[Record | tuple[str, str]]:
-    """Yield a Record per image with a same-named .txt, or (source, skip reason) for an unpaired file."""
-    files = sorted(path for path in root.rglob("*") if path.is_file())
-    captions = {path.with_suffix("").as_posix(): path for path in files if path.suffix.lower() == ".txt"}
-    used_captions = set()
-    for path in files:
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        relative = path.relative_to(root).as_posix()
-        caption_path = captions.get(path.with_suffix("").as_posix())
-        if caption_path is None:
-            yield relative, "missing_caption"
-            continue
-        used_captions.add(caption_path)
-        yield Record(source=relative, caption=caption_path.read_bytes(), image_path=str(path))
-    for caption_path in captions.values():
-        if caption_path not in used_captions:
-            yield caption_path.relative_to(root).as_posix(), "missing_image"
-
-
-def table_rows(path: Path, fmt: str) -> tuple[list[str], Iterator[dict[str, Any]]]:
-    """Return the column names and the rows of a CSV/TSV, JSONL or Parquet file."""
-    if fmt == "csv":
-        text = path.read_text(encoding="utf-8-sig")
-        try:
-            dialect = csv.Sniffer().sniff(text[:65536], delimiters=",\t;|")
-        except csv.Error as error:
-            raise BuildError(f"cannot detect the delimiter of {path}: {error}") from None
-        reader = csv.DictReader(io.StringIO(text), dialect=dialect)
-        return list(reader.fieldnames or []), iter(reader)
-    if fmt == "jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise BuildError(f"{path} line {number} is not JSON: {error}") from None
-        columns = sorted({key for row in rows for key in row})
-        return columns, iter(rows)
-    try:
-        import pyarrow.parquet as parquet
-    except ImportError:
-        raise BuildError("reading Parquet needs pyarrow: pip install 'mmalign[parquet]'") from None
-    table = parquet.read_table(path)
-    return list(table.column_names), iter(table.to_pylist())
-
-
-def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: Path) -> str:
-    if wanted is not None:
-        if wanted not in columns:
-            raise BuildError(f"{path} has no {what} column {wanted!r}; columns found: {columns}")
-        return wanted
-    lower = {column.lower(): column for column in columns}
-    for candidate in candidates:
-        if candidate in lower:
-            return lower[candidate]
-    option = "--image-column" if what == "image" else "--caption-column"
-    raise BuildError(f"{path}: no {what} column among {columns}; name it with {option} NAME")
-
-
-def table_records(path: Path, fmt: str, options: BuildOptions) -> Iterator[Record]:
-    """Check the table's columns now, then return a generator of its rows as Records."""
-    columns, rows = table_rows(path, fmt)
-    image_column = pick_column(columns, options.image_column, IMAGE_COLUMNS, "image", path)
-    caption_column = pick_column(columns, options.caption_column, CAPTION_COLUMNS, "caption", path)
-
-    def records() -> Iterator[Record]:
-        for row in rows:
-            image = str(row.get(image_column) or "")
-            if image.startswith(("http://", "https://")):
-                raise BuildError(
-                    f"{path}: image {image!r} is a URL; shards build reads local files only, "
-                    "so download the images first (for example with img2dataset)"
-                )
-            image_path = Path(image) if Path(image).is_absolute() else path.parent / image
-            extra = {key: value for key, value in row.items() if key not in (image_column, caption_column)}
-            yield Record(source=image, caption=row.get(caption_column), image_path=str(image_path), extra=extra)
-
-    return records()
-
-
-def shard_records(pattern: str) -> Iterator[Record | tuple[str, str]]:
-    fields = FieldSpec(caption_json_field="caption")
-    for url in check_urls(pattern, "input"):
-        for item in iter_shard(url, fields):
-            if isinstance(item, ShardTruncated):
-                yield f"{url}#{item.key}", "truncated_shard"
-                break
-            if not isinstance(item, RawSample):
-                continue
-            image_key = fields.image_field(item)
-            if image_key is None:
-                yield f"{url}#{item.key}", "missing_image"
-                continue
-            try:
-                captions, _ = caption_candidates(item, fields, "cp1252")
-                extra = parse_json(item)
-            except SampleError as error:
-                yield f"{url}#{item.key}", error.reason
-                continue
-            extra = {key: value for key, value in extra.items() if key not in ("key", "caption", "width", "height")}
-            source = extra.pop("original_path", None) or f"{Path(url).name}#{item.key}"
-            yield Record(source=source, caption="\n".join(captions), image_bytes=item.fields[image_key], extra=extra)
-
-
-def input_records(source: str, options: BuildOptions) -> Iterator[Record | tuple[str, str]]:
-    path = Path(source)
-    fmt = options.input_format if options.input_format != "auto" else detect_format(path)
-    if fmt == "shards":
-        pattern = "::".join(str(item) for item in sorted(path.glob("*.tar"))) if path.is_dir() else source
-        return shard_records(pattern)
-    if not path.exists():
-        raise BuildError(f"input not found: {source}")
-    if fmt == "folder":
-        return folder_records(path)
-    if fmt in ("csv", "jsonl", "parquet"):
-        return table_records(path, fmt, options)
-    raise BuildError(f"unknown input format {fmt!r}; use folder, csv, jsonl, parquet or shards")
 
 
 def resize(image: Image.Image, mode: str, max_side: int) -> Image.Image:
@@ -264,9 +109,12 @@ def process(record: Record, options: BuildOptions) -> Processed | tuple[str, str
         if raw is None or (isinstance(raw, float) and raw != raw):
             # a missing cell: None from JSON or Parquet, NaN from some table writers
             raise SampleError("missing_caption")
+        if not isinstance(raw, bytes):
+            raw = json_caption_text(raw, "caption")
         # several captions (a list, or lines of text) are kept one per line
-        captions, repairs = split_captions([str(item) for item in raw] if isinstance(raw, list) else raw)
+        captions, repairs = split_captions(raw)
         caption = "\n".join(captions)
+        repairs = record.repairs + repairs
     except SampleError as error:
         return record.source, error.reason
 
@@ -365,9 +213,27 @@ class ShardWriter:
         os.replace(self.temporary, self.path)
 
 
-def prepare_output(options: BuildOptions) -> None:
-    """Create the output folder; refuse to replace earlier output unless ``overwrite`` is set."""
-    options.out.mkdir(parents=True, exist_ok=True)
+def check_options(options: BuildOptions) -> None:
+    """Raise BuildError for an option out of range, naming it and what it takes."""
+    problems = []
+    if options.shard_mb is None and (options.shard_size is None or options.shard_size < 1):
+        problems.append(f"--shard-size {options.shard_size} (a positive number of samples)")
+    if options.shard_mb is not None and options.shard_mb <= 0:
+        problems.append(f"--shard-mb {options.shard_mb} (a positive number of megabytes)")
+    if options.max_side < 1:
+        problems.append(f"--max-side {options.max_side} (a positive number of pixels)")
+    if not 1 <= options.quality <= 100:
+        problems.append(f"--quality {options.quality} (1 to 100)")
+    if options.dedup not in ("none", "image", "pair"):
+        problems.append(f"--dedup {options.dedup!r} (none, image or pair)")
+    if problems:
+        raise BuildError("invalid option: " + "; ".join(problems))
+
+
+def existing_output(options: BuildOptions) -> list[Path]:
+    """Return the files of an earlier build in the output folder; raise unless ``overwrite`` is set."""
+    if not options.out.is_dir():
+        return []
     existing = sorted(options.out.glob(f"{options.prefix}-*.tar")) + [
         options.out / name for name in OUTPUT_FILES if (options.out / name).exists()
     ]
@@ -376,16 +242,75 @@ def prepare_output(options: BuildOptions) -> None:
             f"{options.out} already contains shards ({existing[0].name}, {len(existing)} files in all); "
             "pass --overwrite to replace them or choose another --out"
         )
-    for path in existing:
+    return existing
+
+
+def publish(staging: Path, options: BuildOptions, replaced: list[Path]) -> None:
+    """Replace the earlier build's files with the staged ones, now that the new build is complete."""
+    for path in replaced:
         path.unlink()
+    for path in sorted(staging.iterdir()):
+        os.replace(path, options.out / path.name)
+    staging.rmdir()
+
+
+def sample_metadata(key: str, result: Processed) -> dict[str, Any]:
+    """Return KEY.json: the generated fields, then the input's extra columns.
+
+    An extra column whose name a generated field uses is kept as ``source_NAME``.
+    """
+    meta = {
+        "key": key,
+        "original_path": result.source,
+        "caption": result.caption,
+        "width": result.width,
+        "height": result.height,
+        "source_mode": result.source_mode,
+    }
+    for name, value in result.extra.items():
+        meta[f"source_{name}" if name in meta else name] = value
+    return meta
 
 
 def build(source: str, options: BuildOptions, progress: bool = True) -> dict[str, Any]:
-    """Build shards from ``source``; return the statistics also written to _stats.json."""
-    if options.dedup not in ("none", "image", "pair"):
-        raise BuildError(f"unknown --dedup {options.dedup!r}; use none, image or pair")
+    """Build shards from ``source``; return the statistics also written to _stats.json.
+
+    The shards are written into a hidden staging folder inside ``options.out`` and
+    moved into place only when the whole input has been read, so a build that fails
+    leaves an earlier build's files as they were.
+
+    Raises:
+        BuildError: an invalid option or input, output already there without ``overwrite``,
+            or no usable sample in the input.
+    """
+    check_options(options)
+    replaced = existing_output(options)
     records = input_records(source, options)
-    prepare_output(options)
+    staging = options.out / ".build-staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        stats = write_shards(source, records, replace(options, out=staging), progress)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if stats["samples"] == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise BuildError(
+            f"no usable sample in {source}: {stats['skipped']} skipped "
+            f"({format_counts(stats['skipped_by_reason'])}); nothing was written"
+        )
+    stats["options"]["out"] = str(options.out)
+    (staging / "_stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+    publish(staging, options, replaced)
+    return stats
+
+
+def write_shards(
+    source: str, records: Iterator[Record | tuple[str, str]], options: BuildOptions, progress: bool
+) -> dict[str, Any]:
+    """Process the records in parallel and write shards, _stats.json and _manifest.json to ``options.out``."""
     started = time.monotonic()
     writer = ShardWriter(options)
     skipped: Counter = Counter()
@@ -420,15 +345,7 @@ def build(source: str, options: BuildOptions, progress: bool = True) -> dict[str
             seen_pairs.add(pair)
             repairs.update(result.repairs)
             key = f"{written:09d}"
-            meta = {
-                "key": key,
-                "original_path": result.source,
-                "caption": result.caption,
-                "width": result.width,
-                "height": result.height,
-                "source_mode": result.source_mode,
-                **result.extra,
-            }
+            meta = sample_metadata(key, result)
             writer.add(
                 key,
                 [

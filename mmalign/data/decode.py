@@ -10,12 +10,15 @@ Image rules:
   data is decoded;
 - pixel data is fully loaded here, so a truncated file fails here and not later
   inside a transform (Pillow's ``LOAD_TRUNCATED_IMAGES`` is never turned on);
+  NOTE: a JPEG cut short that still ends with an end-of-image marker decodes with
+  grey rows, because libjpeg reports that only as a warning, which Pillow drops;
 - the EXIF orientation is applied;
 - transparency is composited on white (as img2dataset does), 16-bit images are
   scaled (not clipped) to 8 bits, and every other mode is converted to RGB.
 
 Caption rules (one caption per text, or a list split on ``\\n`` only):
-- bytes are decoded as UTF-8 with a leading byte-order mark removed; invalid
+- text with a UTF-16 byte-order mark is decoded as UTF-16;
+- other bytes are decoded as UTF-8 with a leading byte-order mark removed; invalid
   UTF-8 is decoded as Windows-1252 (the usual source of such bytes) and
   counted, or skipped when ``caption_encoding_fallback="skip"``;
 - ftfy repairs mojibake, HTML tags are removed and HTML entities unescaped;
@@ -78,8 +81,8 @@ def decode_image(data: bytes, max_pixels: int = 25_000_000) -> DecodedImage:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as error:
-            raise SampleError("too_many_pixels", str(error)) from None
+        except Image.DecompressionBombError:
+            raise SampleError("too_many_pixels", "the header declares more than twice Pillow's pixel limit") from None
         except UnidentifiedImageError:
             raise SampleError("not_an_image", f"{len(data)} bytes starting {data[:8]!r}") from None
         except (OSError, SyntaxError, ValueError) as error:
@@ -117,7 +120,8 @@ def _upright_rgb(image: Image.Image) -> DecodedImage:
     rotated = False
     try:
         orientation = image.getexif().get(0x0112, 1)
-        if orientation not in (None, 1):
+        # 2 to 8 are the orientations that flip or rotate; other values are ignored
+        if orientation in range(2, 9):
             image = ImageOps.exif_transpose(image)
             rotated = True
     except (OSError, ValueError, SyntaxError, KeyError, TypeError):
@@ -134,7 +138,7 @@ def _failure_reason(error: Exception) -> str:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB: alpha on white, 16 bits scaled, CMYK through Pillow."""
     mode = image.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in image.info:
         return image
     if mode in _SIXTEEN_BIT_MODES or mode == "F":
         return _scale_to_8_bit(image).convert("RGB")
@@ -167,6 +171,12 @@ class CaptionResult:
 def decode_caption_bytes(raw: bytes, encoding_fallback: str = "cp1252") -> tuple[str, list[str]]:
     """Decode caption bytes as UTF-8 (BOM removed), with the caption policy's fallback for invalid UTF-8."""
     repairs = []
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        # a UTF-16 byte-order mark: the text is UTF-16, not UTF-8
+        try:
+            return raw.decode("utf-16"), ["caption_decoded_utf16"]
+        except UnicodeDecodeError:
+            pass
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
         repairs.append("caption_bom_removed")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from mmalign.data.decode import SampleError, decode_image
@@ -118,7 +118,9 @@ def contact_sheet(samples: list[tuple[RawSample, str]], fields: FieldSpec, path:
         top = (index // columns) * cell_height + 4
         try:
             image = decode_image(sample.fields[fields.image_field(sample)]).image
-            image = ImageOps.contain(image, (THUMBNAIL, THUMBNAIL))
+            scale = THUMBNAIL / max(image.size)
+            # round each side separately, keeping at least one pixel (a 100000 x 1 strip stays visible)
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
             sheet.paste(image, (left + (THUMBNAIL - image.width) // 2, top + (THUMBNAIL - image.height) // 2))
         except SampleError as error:
             draw.rectangle((left, top, left + THUMBNAIL, top + THUMBNAIL), outline="red")

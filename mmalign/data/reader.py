@@ -16,6 +16,7 @@ raises :class:`ShardError`.
 from __future__ import annotations
 
 import os
+import select
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -117,7 +118,12 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
             if part and is_local(part) and local_path(part).is_dir():
                 urls.extend(str(path) for path in sorted(local_path(part).glob("*.tar")))
             elif part:
-                urls.extend(braceexpand.braceexpand(part))
+                try:
+                    urls.extend(braceexpand.braceexpand(part))
+                except braceexpand.UnbalancedBracesError:
+                    raise ShardError(
+                        f"shard pattern {part!r} has unbalanced braces; write e.g. train-{{000..007}}.tar"
+                    ) from None
     return urls
 
 
@@ -169,20 +175,105 @@ def first_dot_suffix(name: str) -> str:
     return base.partition(".")[2].lower()
 
 
-def open_url(url: str):
+# a complete tar archive ends with two 512-byte blocks of zeros after its last member
+END_BLOCKS = 1024
+# tarfile reads a stream in records of 20 blocks; keep enough of the tail to see the end blocks
+_TAIL = 3 * tarfile.RECORDSIZE
+STALL_TIMEOUT_S = float(os.environ.get("MMALIGN_STALL_TIMEOUT", "300"))
+CURL_EXITS = {
+    6: "could not resolve the host",
+    7: "could not connect",
+    18: "the transfer closed early",
+    22: "the server answered with an HTTP error (such as 404)",
+    28: "the transfer timed out",
+    56: "the connection was reset",
+}
+
+
+class TrackedStream:
+    """A shard stream that counts the bytes read and keeps the last ones, to check the end of the archive.
+
+    A ``pipe:`` or ``http(s)://`` stream also fails when no data arrives for
+    ``STALL_TIMEOUT_S`` seconds (environment variable ``MMALIGN_STALL_TIMEOUT``),
+    so a stalled server or command cannot hang training.
+    """
+
+    def __init__(self, raw, url: str) -> None:
+        self.raw = raw
+        self.url = url
+        self.position = 0
+        self.tail = bytearray()
+        self.fd = raw.stream.fileno() if hasattr(raw, "proc") else None
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._read_pipe(size) if self.fd is not None else self.raw.read(size)
+        self.position += len(data)
+        self.tail = (self.tail + data)[-_TAIL:]
+        return data
+
+    def _read_pipe(self, size: int) -> bytes:
+        wanted = size if size is not None and size >= 0 else 1 << 62
+        chunks = []
+        while wanted > 0:
+            ready, _, _ = select.select([self.fd], [], [], STALL_TIMEOUT_S)
+            if not ready:
+                raise ShardError(f"shard {self.url} sent no data for {STALL_TIMEOUT_S:.0f} s")
+            chunk = os.read(self.fd, min(wanted, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            wanted -= len(chunk)
+        return b"".join(chunks)
+
+    def has_end_blocks(self, offset: int) -> bool:
+        """Return whether the zero blocks that close an archive follow its last member, ending at ``offset``."""
+        while self.position < offset + END_BLOCKS and self.read(tarfile.RECORDSIZE):
+            pass
+        if self.position < offset + END_BLOCKS:
+            return False
+        start = len(self.tail) - (self.position - offset)
+        return start >= 0 and not any(self.tail[start : start + END_BLOCKS])
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def open_url(url: str) -> TrackedStream:
     """Open a shard for streaming: a local path, ``pipe:COMMAND`` or an http(s) URL."""
     try:
-        return gopen(str(local_path(url)) if is_local(url) else url, "rb")
+        return TrackedStream(gopen(str(local_path(url)) if is_local(url) else url, "rb"), url)
     except OSError as error:
         raise ShardError(f"cannot open shard {url}: {error}") from error
+    except ValueError as error:
+        raise ShardError(
+            f"cannot open shard {url}: {error}; read s3:// and other object stores through a command, "
+            "e.g. pipe:aws s3 cp s3://bucket/shard.tar -"
+        ) from error
 
 
-def iter_members(url: str, stream) -> Iterator[tuple[str, bytes] | ShardTruncated]:
-    """Yield (name, data) for each regular member; a cut-off stream ends with a ShardTruncated event."""
+def explain_failure(url: str, error: Exception) -> str:
+    """Describe a failed read, naming curl's exit status for http(s) URLs."""
+    text = str(error)
+    if url.startswith(("http://", "https://")):
+        for code, meaning in CURL_EXITS.items():
+            if f"exit {code} " in text or text.endswith(f"exit {code}"):
+                return f"reading shard {url} failed: {meaning} (curl exit status {code})"
+    return f"reading shard {url} failed: {text}"
+
+
+def iter_members(url: str, stream: TrackedStream) -> Iterator[tuple[str, bytes] | ShardTruncated]:
+    """Yield (name, data) for each regular member; a cut-off stream ends with a ShardTruncated event.
+
+    A stream cut inside a member's data yields the event with that member's name. A
+    stream cut at or inside a header (which Python's tarfile takes for the end of the
+    archive) is found by the missing end blocks, and yields the event with an empty name.
+    """
     try:
         # the caller owns and closes the stream
         archive = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115
     except (tarfile.TarError, OSError, EOFError) as error:
+        if stream.position == 0 and stream.fd is not None:
+            raise ShardError(explain_failure(url, OSError("no data"))) from error
         raise ShardError(f"shard {url} is not a readable tar file: {error}") from error
     name = ""
     try:
@@ -197,11 +288,15 @@ def iter_members(url: str, stream) -> Iterator[tuple[str, bytes] | ShardTruncate
             yield name, data
             # the stream-mode TarFile keeps every header unless told otherwise
             archive.members = []
+        # a compressed stream's byte count is not the archive's, so only plain tar files are checked
+        plain = getattr(archive.fileobj, "comptype", "tar") == "tar"
+        if plain and not stream.has_end_blocks(archive.offset):
+            yield ShardTruncated(url=url, key="", complete_samples=-1, error="the end-of-archive blocks are missing")
     except (tarfile.TarError, EOFError) as error:
         yield ShardTruncated(url=url, key=name, complete_samples=-1, error=str(error))
     except OSError as error:
         # a failed read or a pipe: command that exited with an error status
-        raise ShardError(f"reading shard {url} failed: {error}") from error
+        raise ShardError(explain_failure(url, error)) from error
 
 
 def iter_shard(url: str, spec: FieldSpec, stream=None) -> Iterator[RawSample | ShardTruncated | ShardEnd]:
@@ -219,7 +314,8 @@ def iter_shard(url: str, spec: FieldSpec, stream=None) -> Iterator[RawSample | S
     try:
         for item in iter_members(url, stream):
             if isinstance(item, ShardTruncated):
-                broken_key = item.key
+                # cut at a header: the last sample read may be complete; the next key is unknown
+                broken_key = f"after {current.key}" if current is not None else "at the start"
                 parts = split_name(item.key, suffixes) if item.key else None
                 if parts is not None:
                     broken_key = parts[0]
@@ -256,4 +352,4 @@ def iter_shard(url: str, spec: FieldSpec, stream=None) -> Iterator[RawSample | S
                 # a pipe: command that failed after its output was read; when the
                 # reader stopped early, the command's exit status is of no interest
                 if finished:
-                    raise ShardError(f"reading shard {url} failed: {error}") from error
+                    raise ShardError(explain_failure(url, error)) from error

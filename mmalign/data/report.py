@@ -27,6 +27,8 @@ class DataReport:
     warn_every: int = 1000
     read: int = 0
     used: int = 0
+    # samples that decoded and wait to be used: read - kept - skipped are still undecoded
+    kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
     truncated_shards: list[dict[str, Any]] = field(default_factory=list)
@@ -70,16 +72,20 @@ class DataReport:
         )
 
     def check_fraction(self, max_fraction: float, min_read: int) -> None:
-        """Raise DataError when more than ``max_fraction`` of the samples read were skipped."""
-        if self.read < min_read or self.read == 0:
+        """Raise DataError when more than ``max_fraction`` of the samples checked so far were skipped.
+
+        Samples still waiting undecoded in a shuffle buffer are not counted yet.
+        """
+        checked = self.kept + self.total_skipped
+        if checked < min_read or checked == 0:
             return
-        fraction = self.total_skipped / self.read
+        fraction = self.total_skipped / checked
         if fraction > max_fraction:
             raise DataError(
-                f"{self.total_skipped} of {self.read} samples read ({fraction:.1%}) were skipped, more than "
+                f"{self.total_skipped} of {checked} samples checked ({fraction:.1%}) were skipped, more than "
                 f"data.max_skip_fraction={max_fraction}: {format_counts(self.skipped)}. "
-                "Run `mmalign shards verify` on the shards, fix the data or the image/caption keys, "
-                "or raise data.max_skip_fraction"
+                "Run `mmalign shards verify` on the shards and fix the data or the image/caption keys; "
+                "raise data.max_skip_fraction only if losing that share of the data is acceptable"
             )
 
     def delta(self, since: DataReport) -> dict[str, Any]:
@@ -87,6 +93,7 @@ class DataReport:
         return {
             "read": self.read - since.read,
             "used": self.used - since.used,
+            "kept": self.kept - since.kept,
             "skipped": dict(self.skipped - since.skipped),
             "repaired": dict(self.repaired - since.repaired),
             "truncated_shards": self.truncated_shards[len(since.truncated_shards) :],
@@ -97,6 +104,7 @@ class DataReport:
             warn_every=self.warn_every,
             read=self.read,
             used=self.used,
+            kept=self.kept,
             skipped=Counter(self.skipped),
             repaired=Counter(self.repaired),
             truncated_shards=list(self.truncated_shards),
@@ -107,6 +115,7 @@ class DataReport:
         """Add a delta produced by :meth:`delta` (from a loader worker or another process)."""
         self.read += delta.get("read", 0)
         self.used += delta.get("used", 0)
+        self.kept += delta.get("kept", 0)
         self.skipped.update(delta.get("skipped", {}))
         self.repaired.update(delta.get("repaired", {}))
         self.truncated_shards.extend(delta.get("truncated_shards", []))
@@ -115,6 +124,7 @@ class DataReport:
         return {
             "read": self.read,
             "used": self.used,
+            "kept": self.kept,
             "skipped": self.total_skipped,
             "skipped_by_reason": dict(sorted(self.skipped.items())),
             "repaired_by_kind": dict(sorted(self.repaired.items())),
@@ -127,6 +137,7 @@ class DataReport:
             warn_every=warn_every,
             read=data.get("read", 0),
             used=data.get("used", 0),
+            kept=data.get("kept", data.get("used", 0)),
             skipped=Counter(data.get("skipped_by_reason", {})),
             repaired=Counter(data.get("repaired_by_kind", {})),
             truncated_shards=list(data.get("truncated_shards", [])),

@@ -45,19 +45,35 @@ def caption_candidates(sample: RawSample, fields: FieldSpec, fallback: str) -> t
     if value is None or (isinstance(value, list) and not value):
         raise SampleError("missing_caption", f"no {fields.caption_key!r} caption and no json field {json_field!r}")
     repairs = [] if fields.caption_field_in_json else ["caption_from_json"]
-    if isinstance(value, list):
-        captions, more = split_captions([str(item) for item in value], fallback)
-    else:
-        captions, more = split_captions(str(value), fallback)
+    captions, more = split_captions(json_caption_text(value, json_field), fallback)
     return captions, repairs + more
 
 
+def json_caption_text(value: Any, field_name: str | None) -> str | list[str]:
+    """Return a JSON caption value as text or a list of texts; numbers become their digits.
+
+    Raises:
+        SampleError: ``caption_not_text`` for true/false, null, objects, or lists of those.
+    """
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, str | int | float):
+            raise SampleError("caption_not_text", f"json field {field_name!r} holds {type(item).__name__}")
+    return [str(item) for item in items] if isinstance(value, list) else str(value)
+
+
 def parse_json(sample: RawSample) -> dict[str, Any]:
+    """Return the sample's KEY.json object ({} when there is none or it is not an object).
+
+    Raises:
+        SampleError: ``bad_json`` when the member is not UTF-8 JSON.
+    """
     raw = sample.fields.get("json")
     if raw is None:
         return {}
     try:
-        value = json.loads(raw.decode("utf-8", errors="replace"))
-    except json.JSONDecodeError as error:
-        raise SampleError("bad_json", str(error)) from None
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        # RecursionError: deeply nested arrays exceed the parser's recursion limit
+        raise SampleError("bad_json", f"{type(error).__name__}: {str(error)[:200]}") from None
     return value if isinstance(value, dict) else {}

@@ -244,14 +244,19 @@ class _StreamRun:
                 self.report.check_fraction(settings.max_skip_fraction, settings.skip_check_after)
                 continue
             usable += 1
+            self.report.kept += 1
             self.pending.append((image, caption, sample.key, sample.url))
             if len(self.pending) == settings.batch_size:
                 yield self.emit(pass_index, position)
                 batch_rng = self.seed_batch()
         if not usable and not skip_to:
+            order = pass_order(settings.urls, settings.seed, pass_index, settings.shuffle_shards)
+            shards = [url for url, _ in partition(order, self.stream, self.num_streams)]
             raise DataError(
-                f"stream {self.stream} of {self.num_streams} found no usable sample in pass {pass_index}: "
-                f"{self.report.summary()}; check the shard pattern and data.image_keys / data.caption_key"
+                f"loader stream {self.stream} of {self.num_streams} found no usable sample in its shards "
+                f"{shards[:5]}{' ...' if len(shards) > 5 else ''} in pass {pass_index} ({self.report.summary()}). "
+                "Each stream (data.workers per process, times the processes) needs usable samples: fix or "
+                "remove those shards, check data.image_keys / data.caption_key, or use fewer data.workers"
             )
         # samples of an unfinished batch stay pending and open the next pass's first batch
         self.passes_done.append(
@@ -336,6 +341,7 @@ class EvalStream(IterableDataset):
         for sample in read_pass(self.settings, 0, stream, num_streams, report):
             try:
                 pending.append(self._prepare(sample, report))
+                report.kept += 1
             except SampleError as error:
                 report.skip(error.reason, sample.url, sample.key, error.detail)
                 continue

@@ -76,6 +76,7 @@ def verify_shard(url: str, fields: FieldSpec, max_pixels: int, report: DataRepor
                 continue
             report.repair(decoded.repairs)
             report.used += 1
+            report.kept += 1
             result.samples += 1
     except ShardError as error:
         result.error = str(error)
@@ -104,13 +105,22 @@ def infer_lost_keys(results: list[ShardResult], manifests: dict[str, dict[str, A
         entry = manifests.get(Path(local_path(result.url)).name)
         following = results[index + 1].first_key if index + 1 < len(results) else None
         key = result.truncated_at
-        if entry and key.isdigit() and str(entry.get("last_key", "")).isdigit():
-            last = int(entry["last_key"])
-            result.lost_keys = [f"{number:0{len(key)}d}" for number in range(int(key), last + 1)]
-        elif following and key.isdigit() and following.isdigit() and len(following) == len(key):
-            result.lost_keys = [f"{number:0{len(key)}d}" for number in range(int(key), int(following))]
+        # a shard cut at a header lost the samples after its last complete key
+        after = key.startswith("after ")
+        first = key.removeprefix("after ")
+        if not first.isdigit():
+            result.lost_keys = [] if after else [key]
+            continue
+        start = int(first) + after
+        width = len(first)
+        if entry and str(entry.get("last_key", "")).isdigit():
+            end = int(entry["last_key"]) + 1
+        elif following and following.isdigit() and len(following) == width and int(following) > start:
+            end = int(following)
         else:
-            result.lost_keys = [key]
+            result.lost_keys = [] if after else [key]
+            continue
+        result.lost_keys = [f"{number:0{width}d}" for number in range(start, end)]
 
 
 def read_manifests(urls: list[str]) -> dict[str, dict[str, Any]]:
@@ -143,12 +153,13 @@ def verify(urls: list[str], fields: FieldSpec, max_pixels: int = 25_000_000, pro
     ]
     duplicates = {key: count for key, count in keys.items() if count > 1}
     unreadable = [{"shard": result.url, "error": result.error} for result in results if result.error]
+    empty = [result.url for result in results if not result.error and not result.samples and not result.skipped]
     truncated = [
         {"shard": result.url, "key": result.truncated_at, "lost_keys": result.lost_keys}
         for result in results
         if result.truncated_at is not None
     ]
-    ok = not (report.total_skipped or unreadable or truncated or duplicates or split_keys)
+    ok = not (report.total_skipped or unreadable or truncated or duplicates or split_keys or empty)
     return {
         "ok": ok,
         "shards": len(urls),
@@ -158,11 +169,16 @@ def verify(urls: list[str], fields: FieldSpec, max_pixels: int = 25_000_000, pro
         "skipped_by_reason": dict(sorted(report.skipped.items())),
         "repaired_by_kind": dict(sorted(report.repaired.items())),
         "unreadable_shards": unreadable,
+        "empty_shards": empty,
         "truncated_shards": truncated,
         "duplicate_keys": {"count": len(duplicates), "examples": sorted(duplicates)[:10]},
         "split_keys": split_keys,
         "per_shard": [result.to_dict() for result in results],
     }
+
+
+def describe_break(key: str) -> str:
+    return f"after sample {key.removeprefix('after ')}" if key.startswith("after ") else f"inside sample {key}"
 
 
 def format_verify(result: dict[str, Any]) -> str:
@@ -178,11 +194,17 @@ def format_verify(result: dict[str, Any]) -> str:
     )
     for item in result["unreadable_shards"]:
         lines.append(f"unreadable shard: {item['error']}")
+    for url in result["empty_shards"]:
+        lines.append(f"empty shard (no sample at all): {url}")
     for item in result["truncated_shards"]:
         lost = item["lost_keys"] or []
         lines.append(
-            f"truncated shard {item['shard']}: breaks inside sample {item['key']}; "
-            f"{len(lost)} sample(s) lost: {', '.join(lost[:10])}{' ...' if len(lost) > 10 else ''}"
+            f"truncated shard {item['shard']}: breaks {describe_break(item['key'])}; "
+            + (
+                f"{len(lost)} sample(s) lost: {', '.join(lost[:10])}{' ...' if len(lost) > 10 else ''}"
+                if lost
+                else "the number of samples lost is unknown (no build manifest, and the keys are not numbered)"
+            )
         )
     if result["duplicate_keys"]["count"]:
         lines.append(
