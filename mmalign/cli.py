@@ -160,6 +160,12 @@ def index_parser() -> argparse.ArgumentParser:
     build.add_argument("--approximate", default="auto", choices=["auto", "never", "always"], help="use FAISS")
     build.add_argument("--ann-threshold", type=int, default=100_000, help="items above which auto uses FAISS")
     build.add_argument("--ann-kind", default="hnsw", choices=["hnsw", "ivf"])
+    build.add_argument(
+        "--ann-recall",
+        type=float,
+        default=0.95,
+        help="recall@10 against exact search that the approximate index's efSearch or nprobe is tuned to reach",
+    )
     build.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     build.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
     add_field_options(build, caption_default=None)
@@ -203,6 +209,7 @@ def index_main(argv: Sequence[str]) -> int:
                 approximate=args.approximate,
                 ann_threshold=args.ann_threshold,
                 ann_kind=args.ann_kind,
+                ann_recall=args.ann_recall,
                 device=args.device,
                 overwrite=args.overwrite,
             )

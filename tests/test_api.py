@@ -8,7 +8,16 @@ from PIL import Image
 
 import mmalign
 from mmalign.data.decode import SampleError
-from mmalign.index import EmbeddingIndex, IndexFolderError, build_index
+from mmalign.index import (
+    EmbeddingIndex,
+    IndexFolderError,
+    build_index,
+    faiss_index,
+    measured_recall,
+    search_parameter,
+    set_search_parameter,
+    tune_search,
+)
 from tests.helpers import encode, shape_image
 
 
@@ -176,8 +185,35 @@ def test_approximate_index_reports_recall(tiny_run, tmp_path):
     assert info["search"] == "faiss-hnsw"
     assert 0.0 <= info["images_recall@10"] <= 1.0
     assert info["images_recall@10"] > 0.9
+    assert info["images_efSearch"] >= 16
     index = EmbeddingIndex(tmp_path / "ann")
     assert len(index.search_text("a blue square", k=4)) == 4
+    # the tuned setting travels in the index file
+    assert index.faiss["images"].hnsw.efSearch == info["images_efSearch"]
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_ann_search_tuned_to_smallest_setting(kind):
+    faiss = pytest.importorskip("faiss")
+    faiss.omp_set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    gallery = torch.nn.functional.normalize(torch.randn(4000, 32, generator=generator), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(200, 32, generator=generator), dim=1)
+    index = faiss_index(gallery, kind)
+
+    value = tune_search(index, gallery, queries, target=0.99)
+
+    assert search_parameter(index) == ("efSearch" if kind == "hnsw" else "nprobe", value)
+    assert measured_recall(index, gallery, queries) >= 0.99
+    smallest = 16 if kind == "hnsw" else 1
+    if value > smallest:
+        set_search_parameter(index, value // 2)
+        assert measured_recall(index, gallery, queries) < 0.99
+
+
+def test_ann_recall_target_is_validated(tiny_run, tmp_path):
+    with pytest.raises(ValueError, match="ann_recall"):
+        build_index(tiny_run, "unused.tar", tmp_path / "ann", ann_recall=1.5, progress=False)
 
 
 def test_missing_index_folder_is_explained(tmp_path):
