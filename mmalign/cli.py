@@ -46,6 +46,32 @@ def field_spec(args: argparse.Namespace):
     )
 
 
+def train_parser() -> argparse.ArgumentParser:
+    """Build the parser of ``mmalign train``; it lives here so that ``--help`` answers before torch loads."""
+    parser = argparse.ArgumentParser(
+        prog="mmalign train",
+        description="Train an image-text model with the symmetric InfoNCE loss.",
+        epilog="Overrides are dotted config keys, e.g. optim.lr=5e-4 train.steps=200 run.resume=auto",
+    )
+    parser.add_argument("--config", help="YAML or TOML config file (default: the shipped emoji-tiny config)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value pairs applied over the config")
+    return parser
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    """Build the parser of ``mmalign eval``."""
+    parser = argparse.ArgumentParser(
+        prog="mmalign eval",
+        description="Zero-shot classification and retrieval recall of a trained model on held-out shards.",
+        epilog="Overrides are dotted config keys, e.g. eval.shards=shards/val-{000..001}.tar eval.recall_k=[1,5]",
+    )
+    parser.add_argument("--model", required=True, help="run directory or model folder written by mmalign train")
+    parser.add_argument("--config", help="config file for the eval and data sections (default: the run's config.yaml)")
+    parser.add_argument("--output", help="folder for eval.json (default: the model folder)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value pairs")
+    return parser
+
+
 def shards_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmalign shards", description="Build, verify and inspect WebDataset shards.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -249,10 +275,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     configure_logging()
     if command == "train":
+        # --help and usage errors are answered here, before the training module imports torch
+        train_parser().parse_args(rest)
         from mmalign.train import main as train_main
 
         return train_main(rest)
     if command == "eval":
+        eval_parser().parse_args(rest)
         from mmalign.evaluate import main as eval_main
 
         return eval_main(rest)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mmalign.api import is_template
+from mmalign.cli import eval_parser
 from mmalign.config import Config, ConfigError, apply_overrides, build_config, read_config_file
 from mmalign.data.reader import DataError, FieldSpec, ShardError, check_urls
 from mmalign.data.report import DataReport
@@ -264,16 +265,7 @@ def format_table(results: dict[str, float]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``mmalign eval``: score a run directory or a saved model folder."""
-    parser = argparse.ArgumentParser(
-        prog="mmalign eval",
-        description="Zero-shot classification and retrieval recall of a trained model on held-out shards.",
-        epilog="Overrides are dotted config keys, e.g. eval.shards=shards/val-{000..001}.tar eval.recall_k=[1,5]",
-    )
-    parser.add_argument("--model", required=True, help="run directory or model folder written by mmalign train")
-    parser.add_argument("--config", help="config file for the eval and data sections (default: the run's config.yaml)")
-    parser.add_argument("--output", help="folder for eval.json (default: the model folder)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value pairs")
-    args = parser.parse_args(argv)
+    args = eval_parser().parse_args(argv)
     configure_logging()
     try:
         return run_eval(args)

@@ -6,7 +6,6 @@ accelerate launch [accelerate flags] -m mmalign.train --config FILE [key=value .
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mmalign import checkpoint as ckpt
+from mmalign.cli import train_parser
 from mmalign.config import Config, ConfigError, config_to_dict, load_config, save_config
 from mmalign.data.reader import DataError, FieldSpec, ShardError, check_urls
 from mmalign.data.report import DataReport
@@ -79,20 +79,9 @@ class Progress:
         return {"batches": self.batches, "workers": self.workers}
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="mmalign train",
-        description="Train an image-text model with the symmetric InfoNCE loss.",
-        epilog="Overrides are dotted config keys, e.g. optim.lr=5e-4 train.steps=200 run.resume=auto",
-    )
-    parser.add_argument("--config", help="YAML or TOML config file (default: the shipped emoji-tiny config)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value pairs applied over the config")
-    return parser.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``mmalign train`` and ``python -m mmalign.train``; returns the exit status."""
-    args = parse_args(argv)
+    args = train_parser().parse_args(argv)
     configure_logging()
     overrides = [item[2:] if item.startswith("--") else item for item in args.overrides]
     try:

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 from mmalign.config import ConfigError, apply_overrides, build_config, load_config, shipped_config_path
@@ -108,3 +111,20 @@ def test_list_and_null_overrides():
     config = build_config(apply_overrides(MINIMAL, ["data.train_shards=[a.tar, b.tar]", "eval.shards=null"]))
     assert config.data.train_shards == ["a.tar", "b.tar"]
     assert config.eval.shards is None
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_help_answers_without_importing_torch(command):
+    # torch takes seconds to import; help and usage errors should not wait for it
+    script = (
+        "import sys\n"
+        "from mmalign.cli import main\n"
+        "try:\n"
+        f"    main([{command!r}, '--help'])\n"
+        "except SystemExit as stop:\n"
+        "    assert stop.code == 0, stop.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"usage: mmalign {command}" in result.stdout

@@ -87,16 +87,7 @@ def decode_image(data: bytes, max_pixels: int = 25_000_000) -> DecodedImage:
             raise SampleError("not_an_image", f"{len(data)} bytes starting {data[:8]!r}") from None
         except (OSError, SyntaxError, ValueError) as error:
             raise SampleError(_failure_reason(error), str(error)) from None
-
-        width, height = image.size
-        if width * height > max_pixels:
-            raise SampleError("too_many_pixels", f"{width}x{height} exceeds the cap of {max_pixels} pixels")
-        try:
-            image.load()
-        except (OSError, SyntaxError, ValueError, EOFError) as error:
-            raise SampleError(_failure_reason(error), str(error)) from None
-
-    return _upright_rgb(image)
+        return prepare_image(image, max_pixels)
 
 
 def prepare_image(image: Image.Image, max_pixels: int = 25_000_000) -> DecodedImage:
