@@ -100,7 +100,7 @@ def embed_shard(
     images, image_chunks, captions = [], [], []
     for sample in iter_shard(url, fields):
         if isinstance(sample, ShardTruncated):
-            report.truncated(url, sample.key, sample.complete_samples, sample.error)
+            report.truncated(sample)
             break
         if not isinstance(sample, RawSample):
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -77,3 +78,8 @@ def write_labelled_shards(folder: Path, shards: int, per_shard: int | list[int],
             members += [(f"{key}.jpg", jpeg), (f"{key}.txt", caption.encode())]
         write_tar(folder / f"{prefix}-{shard:03d}.tar", members)
     return str(folder / f"{prefix}-{{000..{len(counts) - 1:03d}}}.tar")
+
+
+def manifest(cases: Path, name: str) -> dict:
+    """Return the entry of one bad-input case in the cases' manifest.json."""
+    return json.loads((cases / "manifest.json").read_text())["cases"][name]

@@ -1,22 +1,16 @@
-import json
-
 import pytest
 
 from mmalign.data.reader import DataError, FieldSpec, RawSample, ShardError, ShardTruncated, check_urls, iter_shard
 from mmalign.data.report import DataReport
 from mmalign.data.schema import check_schema
 from mmalign.data.stream import StreamSettings, read_pass
-from tests.helpers import write_tar
+from tests.helpers import manifest, write_tar
 
 
 def usable_keys(pattern: str, fields: FieldSpec, report: DataReport | None = None) -> list[str]:
     settings = StreamSettings(urls=tuple(check_urls(pattern, "data.train_shards")), fields=fields, batch_size=1)
     samples = read_pass(settings, 0, 0, 1, report or DataReport())
     return [sample.key for sample in samples]
-
-
-def manifest(cases, name):
-    return json.loads((cases / "manifest.json").read_text())["cases"][name]
 
 
 def test_truncated_tar_case_keeps_complete_samples(cases):

@@ -89,12 +89,21 @@ class RawSample:
 
 @dataclass(frozen=True)
 class ShardTruncated:
-    """A shard that ended inside a member: the sample ``key`` and any after it are lost."""
+    """A shard cut off before its end.
+
+    ``key`` is the sample the cut broke, or ``after KEY`` (``at the start``) when
+    the cut fell between samples; the samples after it are lost either way.
+    """
 
     url: str
     key: str
     complete_samples: int
     error: str
+
+    @property
+    def broken(self) -> bool:
+        """Whether the cut broke a sample, which then counts as skipped (``truncated_shard``)."""
+        return not self.key.startswith(("after ", "at the start"))
 
 
 @dataclass(frozen=True)
@@ -286,7 +295,9 @@ def iter_members(url: str, stream: TrackedStream) -> Iterator[tuple[str, bytes] 
             if len(data) != info.size:
                 raise tarfile.ReadError(f"member {name} has {len(data)} of {info.size} bytes")
             yield name, data
-            # the stream-mode TarFile keeps every header unless told otherwise
+            # the member is complete, so a failure from here on is in the next header
+            name = ""
+            # the stream-mode TarFile keeps every header unless this list is cleared
             archive.members = []
         # a compressed stream's byte count is not the archive's, so only plain tar files are checked
         plain = getattr(archive.fileobj, "comptype", "tar") == "tar"
@@ -314,15 +325,21 @@ def iter_shard(url: str, spec: FieldSpec, stream=None) -> Iterator[RawSample | S
     try:
         for item in iter_members(url, stream):
             if isinstance(item, ShardTruncated):
-                # cut at a header: the last sample read may be complete; the next key is unknown
-                broken_key = f"after {current.key}" if current is not None else "at the start"
+                finished = True
                 parts = split_name(item.key, suffixes) if item.key else None
                 if parts is not None:
+                    # cut inside the data of a member: its sample is broken
                     broken_key = parts[0]
+                elif current is None:
+                    broken_key = "at the start"
+                elif spec.image_field(current) is None or not spec.has_caption(current):
+                    # cut at a header, and the sample before it lacks a field: the cut took the rest of it
+                    broken_key = current.key
+                else:
+                    broken_key = f"after {current.key}"
                 if current is not None and current.key != broken_key:
                     yield current
                     count += 1
-                finished = True
                 yield ShardTruncated(url, broken_key, count, item.error)
                 return
             name, data = item

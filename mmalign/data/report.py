@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmalign.data.reader import DataError
+from mmalign.data.reader import DataError, ShardTruncated
 
 logger = logging.getLogger("mmalign.data")
 
@@ -58,17 +58,19 @@ class DataReport:
         for kind in kinds:
             self.repaired[kind] += 1
 
-    def truncated(self, url: str, key: str, complete_samples: int, error: str) -> None:
-        """Record a shard cut off inside sample ``key``; that sample is counted as skipped."""
-        self.truncated_shards.append({"shard": url, "key": key, "complete_samples": complete_samples})
-        self.skipped["truncated_shard"] += 1
+    def truncated(self, event: ShardTruncated) -> None:
+        """Record a cut-off shard; the sample the cut broke, if any, counts as read and skipped."""
+        self.truncated_shards.append({"shard": event.url, "key": event.key, "complete_samples": event.complete_samples})
+        if event.broken:
+            self.read += 1
+            self.skipped["truncated_shard"] += 1
         logger.warning(
-            "shard %s is truncated inside sample %s after %d complete samples (%s); "
+            "shard %s is truncated %s, after %d complete samples (%s); "
             "the rest of the shard is lost: re-copy it, or run `mmalign shards verify` for the count",
-            url,
-            key,
-            complete_samples,
-            error,
+            event.url,
+            f"inside sample {event.key}" if event.broken else event.key,
+            event.complete_samples,
+            event.error,
         )
 
     def check_fraction(self, max_fraction: float, min_read: int) -> None:

@@ -119,10 +119,10 @@ def read_pass(
             index = item.complete_samples if isinstance(item, ShardTruncated) else item.index
             if share is not None and (index + share) % num_streams != stream:
                 continue
-            report.read += 1
             if isinstance(item, ShardTruncated):
-                report.truncated(item.url, item.key, item.complete_samples, item.error)
+                report.truncated(item)
                 break
+            report.read += 1
             if item.duplicate_fields:
                 logger.warning("sample %s in %s repeats field(s) %s", item.key, url, item.duplicate_fields)
             if settings.fields.image_field(item) is None:

@@ -7,6 +7,7 @@ for every shard, readable pairs + skipped samples = samples read.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from collections import Counter
@@ -17,7 +18,16 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from mmalign.data.decode import SampleError
-from mmalign.data.reader import FieldSpec, RawSample, ShardEnd, ShardError, ShardTruncated, iter_shard, local_path
+from mmalign.data.reader import (
+    FieldSpec,
+    RawSample,
+    ShardEnd,
+    ShardError,
+    ShardTruncated,
+    is_local,
+    iter_shard,
+    local_path,
+)
 from mmalign.data.report import DataReport, format_counts
 from mmalign.data.sample import decode_sample
 
@@ -57,15 +67,13 @@ def verify_shard(url: str, fields: FieldSpec, max_pixels: int, report: DataRepor
         for item in iter_shard(url, fields):
             if isinstance(item, ShardEnd):
                 break
-            report.read += 1
             if isinstance(item, ShardTruncated):
                 result.truncated_at = item.key
-                result.skipped["truncated_shard"] += 1
-                report.skipped["truncated_shard"] += 1
-                report.truncated_shards.append(
-                    {"shard": url, "key": item.key, "complete_samples": item.complete_samples}
-                )
+                report.truncated(item)
+                if item.broken:
+                    result.skipped["truncated_shard"] += 1
                 break
+            report.read += 1
             samples.append(item)
             keys[item.key] += 1
             try:
@@ -92,47 +100,71 @@ def _complete(sample: RawSample, fields: FieldSpec) -> bool:
 
 
 def infer_lost_keys(results: list[ShardResult], manifests: dict[str, dict[str, Any]]) -> None:
-    """Fill in ``lost_keys`` of truncated shards from a build manifest or the key numbering.
+    """Fill in ``lost_keys`` of truncated shards: the samples after the break, never read.
 
+    The sample the cut broke is not among them, because it is counted as skipped
+    (``truncated_shard``), so readable + skipped + lost is what the shard held.
     With a manifest written by ``mmalign shards build`` the count is exact. Without
     one, img2dataset-style numeric keys are assumed to run on without gaps into
-    the next shard, so the lost keys are those between the break and the next
-    shard's first key; otherwise only the key where the shard broke is known.
+    the next shard, so the lost keys are those up to the next shard's first key.
+    Otherwise the count is unknown and ``lost_keys`` stays None.
     """
     for index, result in enumerate(results):
         if result.truncated_at is None:
             continue
-        entry = manifests.get(Path(local_path(result.url)).name)
+        entry = manifests.get(local_path(result.url)) if is_local(result.url) else None
         following = results[index + 1].first_key if index + 1 < len(results) else None
-        key = result.truncated_at
-        # a shard cut at a header lost the samples after its last complete key
-        after = key.startswith("after ")
-        first = key.removeprefix("after ")
+        first = result.truncated_at.removeprefix("after ")
         if not first.isdigit():
-            result.lost_keys = [] if after else [key]
             continue
-        start = int(first) + after
-        width = len(first)
+        start, width = int(first) + 1, len(first)
         if entry and str(entry.get("last_key", "")).isdigit():
             end = int(entry["last_key"]) + 1
-        elif following and following.isdigit() and len(following) == width and int(following) > start:
+        elif following and following.isdigit() and len(following) == width and int(following) >= start:
             end = int(following)
         else:
-            result.lost_keys = [] if after else [key]
             continue
         result.lost_keys = [f"{number:0{width}d}" for number in range(start, end)]
 
 
-def read_manifests(urls: list[str]) -> dict[str, dict[str, Any]]:
-    """Return the per-shard entries of any build manifests next to local shards, by shard file name."""
-    entries: dict[str, dict[str, Any]] = {}
-    folders = {Path(local_path(url)).parent for url in urls if "://" not in url and not url.startswith("pipe:")}
-    for folder in folders:
+def read_manifests(urls: list[str]) -> dict[Path, dict[str, Any]]:
+    """Return the per-shard entries of the build manifests next to local shards, by shard path."""
+    entries: dict[Path, dict[str, Any]] = {}
+    folders = {local_path(url).parent for url in urls if is_local(url)}
+    for folder in sorted(folders):
         path = folder / MANIFEST
         if path.is_file():
             for entry in json.loads(path.read_text(encoding="utf-8")).get("shards", []):
-                entries[entry["name"]] = entry
+                entries[folder / entry["name"]] = entry
     return entries
+
+
+def check_manifests(results: list[ShardResult], manifests: dict[Path, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Compare each shard with its build manifest entry; return the differences found.
+
+    A shard listed in a manifest but no longer on disk is a difference too.
+    """
+    problems = []
+    for result in results:
+        entry = manifests.get(local_path(result.url)) if is_local(result.url) else None
+        if entry is None or result.error or result.truncated_at is not None:
+            # unreadable and truncated shards are reported on their own
+            continue
+        held = result.samples + sum(result.skipped.values())
+        if held != entry.get("samples", held):
+            problems.append(
+                {"shard": result.url, "problem": f"holds {held} samples, the manifest lists {entry['samples']}"}
+            )
+        elif "sha256" in entry:
+            digest = hashlib.sha256(local_path(result.url).read_bytes()).hexdigest()
+            if digest != entry["sha256"]:
+                problems.append({"shard": result.url, "problem": "its SHA-256 differs from the manifest's"})
+    problems.extend(
+        {"shard": str(path), "problem": f"listed in {MANIFEST} with {entry.get('samples', '?')} samples, but not found"}
+        for path, entry in manifests.items()
+        if not path.exists()
+    )
+    return problems
 
 
 def verify(urls: list[str], fields: FieldSpec, max_pixels: int = 25_000_000, progress: bool = True) -> dict[str, Any]:
@@ -143,7 +175,9 @@ def verify(urls: list[str], fields: FieldSpec, max_pixels: int = 25_000_000, pro
         verify_shard(url, fields, max_pixels, report, keys)
         for url in tqdm(urls, desc="verify", unit="shard", disable=not progress)
     ]
-    infer_lost_keys(results, read_manifests(urls))
+    manifests = read_manifests(urls)
+    infer_lost_keys(results, manifests)
+    manifest_problems = check_manifests(results, manifests)
     split_keys = [
         {"key": left.last_key, "shards": [left.url, right.url]}
         for left, right in itertools.pairwise(results)
@@ -159,7 +193,7 @@ def verify(urls: list[str], fields: FieldSpec, max_pixels: int = 25_000_000, pro
         for result in results
         if result.truncated_at is not None
     ]
-    ok = not (report.total_skipped or unreadable or truncated or duplicates or split_keys or empty)
+    ok = not (report.total_skipped or unreadable or truncated or duplicates or split_keys or empty or manifest_problems)
     return {
         "ok": ok,
         "shards": len(urls),
@@ -173,12 +207,15 @@ def verify(urls: list[str], fields: FieldSpec, max_pixels: int = 25_000_000, pro
         "truncated_shards": truncated,
         "duplicate_keys": {"count": len(duplicates), "examples": sorted(duplicates)[:10]},
         "split_keys": split_keys,
+        "manifest_problems": manifest_problems,
         "per_shard": [result.to_dict() for result in results],
     }
 
 
 def describe_break(key: str) -> str:
-    return f"after sample {key.removeprefix('after ')}" if key.startswith("after ") else f"inside sample {key}"
+    if key.startswith(("after ", "at the start")):
+        return key.replace("after ", "after sample ")
+    return f"inside sample {key}"
 
 
 def format_verify(result: dict[str, Any]) -> str:
@@ -197,20 +234,19 @@ def format_verify(result: dict[str, Any]) -> str:
     for url in result["empty_shards"]:
         lines.append(f"empty shard (no sample at all): {url}")
     for item in result["truncated_shards"]:
-        lost = item["lost_keys"] or []
-        lines.append(
-            f"truncated shard {item['shard']}: breaks {describe_break(item['key'])}; "
-            + (
-                f"{len(lost)} sample(s) lost: {', '.join(lost[:10])}{' ...' if len(lost) > 10 else ''}"
-                if lost
-                else "the number of samples lost is unknown (no build manifest, and the keys are not numbered)"
-            )
-        )
+        lost = item["lost_keys"]
+        if lost is None:
+            after = "the number of samples lost after it is unknown (no build manifest, and the keys are not numbered)"
+        else:
+            after = f"{len(lost)} sample(s) after it lost: {', '.join(lost[:10])}{' ...' if len(lost) > 10 else ''}"
+        lines.append(f"truncated shard {item['shard']}: breaks {describe_break(item['key'])}; {after}")
     if result["duplicate_keys"]["count"]:
         lines.append(
             f"{result['duplicate_keys']['count']} keys appear more than once, e.g. "
             + ", ".join(result["duplicate_keys"]["examples"][:5])
         )
+    for item in result["manifest_problems"]:
+        lines.append(f"shard {item['shard']}: {item['problem']}")
     for item in result["split_keys"]:
         lines.append(f"sample {item['key']} is split across {item['shards'][0]} and {item['shards'][1]}")
     if result["repaired_by_kind"]:
