@@ -82,6 +82,9 @@ def shards_parser() -> argparse.ArgumentParser:
     build.add_argument("--format", default="auto", choices=["auto", "folder", "csv", "jsonl", "parquet", "shards"])
     build.add_argument("--image-column", help="table column with image paths (default: image, path, file, ...)")
     build.add_argument("--caption-column", help="table column with captions (default: caption, text, ...)")
+    build.add_argument(
+        "--delimiter", help="CSV delimiter (default: tab for .tsv, else whichever of , TAB ; | splits the header most)"
+    )
     build.add_argument("--prefix", default="shard", help="shard file name prefix (PREFIX-000000.tar)")
     size = build.add_mutually_exclusive_group()
     size.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
@@ -136,6 +139,7 @@ def shards_main(argv: Sequence[str]) -> int:
                 image_column=args.image_column,
                 caption_column=args.caption_column,
                 input_format=args.format,
+                delimiter=args.delimiter.replace("\\t", "\t") if args.delimiter else None,
             )
             stats = build(args.input, options)
             print(json.dumps({key: value for key, value in stats.items() if key != "options"}, indent=1))
@@ -158,6 +162,12 @@ def inspect_command(args: argparse.Namespace, urls: list[str]) -> int:
     from mmalign.data.inspect import contact_sheet, format_inspect, inspect
     from mmalign.model import create_model, create_tokenizer
 
+    if args.sheet is not None:
+        blocked = next((folder for folder in args.sheet.parents if folder.exists() and not folder.is_dir()), None)
+        if blocked is not None or args.sheet.is_dir():
+            problem = f"{blocked} is a file" if blocked is not None else "it is a folder"
+            logging.getLogger("mmalign").error("cannot write --sheet %s: %s; give a PNG path", args.sheet, problem)
+            return 2
     tokenizer = create_tokenizer(create_model(ModelConfig(name=args.model)))
     fields = field_spec(args)
     summary, chosen = inspect(

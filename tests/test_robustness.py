@@ -126,11 +126,18 @@ def test_failed_overwrite_keeps_the_earlier_shards(tmp_path):
     build(str(tmp_path / "in"), BuildOptions(out=tmp_path / "out"), progress=False)
     before = (tmp_path / "out" / "shard-000000.tar").read_bytes()
     table = tmp_path / "in" / "bad.jsonl"
-    table.write_text(json.dumps({"image": "0.png", "caption": "ok"}) + "\n[1, 2]\n")
-    with pytest.raises(BuildError, match="line 2 is a JSON list"):
+    rows = [{"image": "0.png", "caption": "ok"}, {"image": "https://example.com/1.png", "caption": "remote"}]
+    table.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(BuildError, match="is a URL"):
         build(str(table), BuildOptions(out=tmp_path / "out", overwrite=True), progress=False)
     assert (tmp_path / "out" / "shard-000000.tar").read_bytes() == before
-    assert not (tmp_path / "out" / ".build-staging").exists()
+    # the half-written build's staging folder is gone
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "_manifest.json",
+        "_skipped.jsonl",
+        "_stats.json",
+        "shard-000000.tar",
+    ]
 
 
 def test_build_table_captions_and_columns(tmp_path):

@@ -18,12 +18,17 @@ give the same shards.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
+import logging
+import math
 import os
+import re
 import shutil
 import tarfile
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -35,13 +40,17 @@ from typing import Any
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from mmalign.data.build_inputs import BuildError, Record, input_records
+from mmalign.data.build_inputs import IGNORED, BuildError, Record, input_records
 from mmalign.data.decode import SampleError, decode_image, split_captions
 from mmalign.data.report import format_counts
 from mmalign.data.sample import json_caption_text
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-OUTPUT_FILES = ("_stats.json", "_manifest.json")
+SKIPS_LOGGED = 10
+OUTPUT_FILES = ("_stats.json", "_manifest.json", "_skipped.jsonl")
+STAGING_PREFIX = ".mmalign-staging-"
+PREFIX_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+logger = logging.getLogger("mmalign.build")
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ class BuildOptions:
     image_column: str | None = None
     caption_column: str | None = None
     input_format: str = "auto"
+    delimiter: str | None = None
 
 
 @dataclass
@@ -101,8 +111,12 @@ def process(record: Record, options: BuildOptions) -> Processed | tuple[str, str
     """Decode, check and re-encode one sample; return it, or (source, skip reason)."""
     try:
         data = record.image_bytes if record.image_bytes is not None else Path(record.image_path).read_bytes()
+    except FileNotFoundError:
+        return record.describe(), "image_not_found"
+    except IsADirectoryError:
+        return record.describe(), "image_not_a_file"
     except OSError:
-        return record.source, "image_file_unreadable"
+        return record.describe(), "image_file_unreadable"
     try:
         decoded = decode_image(data, options.max_pixels)
         raw = record.caption
@@ -116,7 +130,7 @@ def process(record: Record, options: BuildOptions) -> Processed | tuple[str, str
         caption = "\n".join(captions)
         repairs = record.repairs + repairs
     except SampleError as error:
-        return record.source, error.reason
+        return record.describe(), error.reason
 
     image = resize(decoded.image, options.resize, options.max_side)
     keep = (
@@ -218,7 +232,7 @@ def check_options(options: BuildOptions) -> None:
     problems = []
     if options.shard_mb is None and (options.shard_size is None or options.shard_size < 1):
         problems.append(f"--shard-size {options.shard_size} (a positive number of samples)")
-    if options.shard_mb is not None and options.shard_mb <= 0:
+    if options.shard_mb is not None and not (math.isfinite(options.shard_mb) and options.shard_mb > 0):
         problems.append(f"--shard-mb {options.shard_mb} (a positive number of megabytes)")
     if options.max_side < 1:
         problems.append(f"--max-side {options.max_side} (a positive number of pixels)")
@@ -226,23 +240,46 @@ def check_options(options: BuildOptions) -> None:
         problems.append(f"--quality {options.quality} (1 to 100)")
     if options.dedup not in ("none", "image", "pair"):
         problems.append(f"--dedup {options.dedup!r} (none, image or pair)")
+    if not PREFIX_PATTERN.fullmatch(options.prefix):
+        problems.append(f"--prefix {options.prefix!r} (letters, digits, '.', '_' and '-', not starting with '.')")
+    if options.delimiter is not None and len(options.delimiter) != 1:
+        problems.append(f"--delimiter {options.delimiter!r} (one character, for example ',' or '\\t')")
+    if options.out.exists() and not options.out.is_dir():
+        problems.append(f"--out {options.out} (a folder, but this is a file)")
     if problems:
         raise BuildError("invalid option: " + "; ".join(problems))
 
 
 def existing_output(options: BuildOptions) -> list[Path]:
-    """Return the files of an earlier build in the output folder; raise unless ``overwrite`` is set."""
+    """Return the files of an earlier build in the output folder; raise unless ``overwrite`` is set.
+
+    These are the shards its ``_manifest.json`` lists, any ``PREFIX-NNNNNN.tar`` of this
+    build's prefix, and the build's own record files. Nothing else in the folder is touched.
+    """
     if not options.out.is_dir():
         return []
-    existing = sorted(options.out.glob(f"{options.prefix}-*.tar")) + [
-        options.out / name for name in OUTPUT_FILES if (options.out / name).exists()
-    ]
+    names = {path.name for path in options.out.iterdir() if is_shard_name(path.name, options.prefix)}
+    manifest = options.out / "_manifest.json"
+    if manifest.is_file():
+        try:
+            listed = [entry["name"] for entry in json.loads(manifest.read_text(encoding="utf-8"))["shards"]]
+        except (ValueError, KeyError, TypeError) as error:
+            raise BuildError(f"{manifest} is not a build manifest ({error}); move it away and run again") from None
+        names.update(name for name in listed if (options.out / name).is_file() and Path(name).name == name)
+    names.update(name for name in OUTPUT_FILES if (options.out / name).exists())
+    existing = sorted(options.out / name for name in names)
     if existing and not options.overwrite:
         raise BuildError(
             f"{options.out} already contains shards ({existing[0].name}, {len(existing)} files in all); "
             "pass --overwrite to replace them or choose another --out"
         )
     return existing
+
+
+def is_shard_name(name: str, prefix: str) -> bool:
+    """Return whether ``name`` is a shard that a build with ``prefix`` writes: PREFIX-NNNNNN.tar."""
+    number = name.removeprefix(f"{prefix}-").removesuffix(".tar")
+    return name.startswith(f"{prefix}-") and name.endswith(".tar") and len(number) >= 6 and number.isdigit()
 
 
 def publish(staging: Path, options: BuildOptions, replaced: list[Path]) -> None:
@@ -257,7 +294,8 @@ def publish(staging: Path, options: BuildOptions, replaced: list[Path]) -> None:
 def sample_metadata(key: str, result: Processed) -> dict[str, Any]:
     """Return KEY.json: the generated fields, then the input's extra columns.
 
-    An extra column whose name a generated field uses is kept as ``source_NAME``.
+    An extra column whose name a generated field uses is kept as ``source_NAME``
+    (``source_source_NAME`` if the input has a ``source_NAME`` column too, and so on).
     """
     meta = {
         "key": key,
@@ -267,9 +305,29 @@ def sample_metadata(key: str, result: Processed) -> dict[str, Any]:
         "height": result.height,
         "source_mode": result.source_mode,
     }
-    for name, value in result.extra.items():
-        meta[f"source_{name}" if name in meta else name] = value
+    generated = set(meta)
+    extra = {name: plain_json(value) for name, value in result.extra.items()}
+    meta.update((name, value) for name, value in extra.items() if name not in generated)
+    for name, value in extra.items():
+        if name in generated:
+            target = f"source_{name}"
+            while target in meta:
+                target = f"source_{target}"
+            meta[target] = value
     return meta
+
+
+def plain_json(value: Any) -> Any:
+    """Return ``value`` in standard JSON terms: NaN and infinity become null, bytes become base64 text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, dict):
+        return {str(key): plain_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_json(item) for item in value]
+    return value
 
 
 def build(source: str, options: BuildOptions, progress: bool = True) -> dict[str, Any]:
@@ -286,10 +344,14 @@ def build(source: str, options: BuildOptions, progress: bool = True) -> dict[str
     check_options(options)
     replaced = existing_output(options)
     records = input_records(source, options)
-    staging = options.out / ".build-staging"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    try:
+        options.out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=options.out))
+    except OSError as error:
+        raise BuildError(f"cannot create the output folder {options.out}: {error}") from None
+    stale = [path.name for path in options.out.glob(f"{STAGING_PREFIX}*") if path != staging]
+    if stale:
+        logger.warning("%s contains %s, left by builds that did not finish; delete them", options.out, stale)
     try:
         stats = write_shards(source, records, replace(options, out=staging), progress)
     except BaseException:
@@ -319,27 +381,43 @@ def write_shards(
     seen_images: set[str] = set()
     seen_pairs: set[str] = set()
     written = 0
+    ignored = 0
+    # every input that is not written, with the reason: skips and removed duplicates
+    dropped = (options.out / "_skipped.jsonl").open("w", encoding="utf-8")
+
+    def note_skip(where: str, reason: str) -> None:
+        nonlocal ignored
+        if reason == IGNORED:
+            ignored += 1
+            return
+        skipped[reason] += 1
+        dropped.write(json.dumps({"input": where, "reason": reason}, ensure_ascii=False) + "\n")
+        if sum(skipped.values()) <= SKIPS_LOGGED:
+            logger.warning("skipped %s: %s", where, reason)
 
     def jobs() -> Iterator[tuple[Record, BuildOptions]]:
         for record in records:
             if isinstance(record, tuple):
-                skipped[record[1]] += 1
+                note_skip(*record)
                 continue
             yield record, options
 
-    with ProcessPoolExecutor(max_workers=max(1, options.workers)) as pool:
+    with dropped, ProcessPoolExecutor(max_workers=max(1, options.workers)) as pool:
         results = pool.map(_process_star, jobs(), chunksize=16) if options.workers > 1 else map(_process_star, jobs())
         for result in tqdm(results, desc="build", unit=" samples", disable=not progress):
             if isinstance(result, tuple):
-                skipped[result[1]] += 1
+                note_skip(*result)
                 continue
             normalised_caption = " ".join(result.caption.lower().split())
             pair = hashlib.sha256(f"{result.image_hash}|{normalised_caption}".encode()).hexdigest()
+            duplicate = None
             if options.dedup == "image" and result.image_hash in seen_images:
-                duplicates["same_image"] += 1
-                continue
-            if options.dedup == "pair" and pair in seen_pairs:
-                duplicates["same_image_and_caption"] += 1
+                duplicate = "same_image"
+            elif options.dedup == "pair" and pair in seen_pairs:
+                duplicate = "same_image_and_caption"
+            if duplicate:
+                duplicates[duplicate] += 1
+                dropped.write(json.dumps({"input": result.source, "reason": duplicate}, ensure_ascii=False) + "\n")
                 continue
             seen_images.add(result.image_hash)
             seen_pairs.add(pair)
@@ -351,17 +429,20 @@ def write_shards(
                 [
                     (f"{key}.{result.extension}", result.image),
                     (f"{key}.txt", result.caption.encode("utf-8")),
-                    (f"{key}.json", json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8")),
+                    (f"{key}.json", json.dumps(meta, ensure_ascii=False, allow_nan=False, default=str).encode("utf-8")),
                 ],
             )
             written += 1
     writer.close()
+    if sum(skipped.values()) > SKIPS_LOGGED:
+        logger.warning("%d inputs skipped in all; _skipped.jsonl lists each with its reason", sum(skipped.values()))
     stats = {
         "input": source,
         "samples": written,
         "shards": len(writer.shards),
         "skipped": sum(skipped.values()),
         "skipped_by_reason": dict(sorted(skipped.items())),
+        "ignored_files": ignored,
         "duplicates_removed": dict(sorted(duplicates.items())),
         "captions_repaired": dict(sorted(repairs.items())),
         "bytes": sum(shard["bytes"] for shard in writer.shards),

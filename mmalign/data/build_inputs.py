@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +23,12 @@ from mmalign.data.sample import caption_candidates, parse_json
 if TYPE_CHECKING:
     from mmalign.data.build import BuildOptions
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# suffixes taken as images in a folder; the decoder still decides by content, and counts what it cannot read
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic"}
+# a file in an input folder that is neither an image nor a caption: counted, but not as a skipped sample
+IGNORED = "ignored_file"
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "filepath", "img")
+GENERATED_FIELDS = ("key", "caption", "width", "height", "source_mode")
 CAPTION_COLUMNS = ("caption", "text", "title", "description", "alt", "label")
 
 
@@ -41,6 +46,11 @@ class Record:
     image_bytes: bytes | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     repairs: list[str] = field(default_factory=list)
+    # the row of a table the sample came from, for example "pairs.csv line 7"
+    location: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.source} ({self.location})" if self.location else self.source
 
 
 def detect_format(path: Path) -> str:
@@ -59,15 +69,32 @@ def _has_images(folder: Path) -> bool:
     return any(item.suffix.lower() in IMAGE_SUFFIXES for item in folder.iterdir() if item.is_file())
 
 
+def walk_files(root: Path) -> list[Path]:
+    """Return every file under ``root``, following symlinked folders but never into a loop."""
+    files = []
+    seen = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        files += [Path(folder) / name for name in names]
+    return sorted(path for path in files if path.is_file())
+
+
 def folder_records(root: Path) -> Iterator[Record | tuple[str, str]]:
     """Yield a Record per image with a same-named .txt, or (source, skip reason) for an unpaired file."""
-    files = sorted(path for path in root.rglob("*") if path.is_file())
+    files = walk_files(root)
     captions = {path.with_suffix("").as_posix(): path for path in files if path.suffix.lower() == ".txt"}
     used_captions = set()
     for path in files:
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
         relative = path.relative_to(root).as_posix()
+        if path.suffix.lower() == ".txt":
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            yield relative, IGNORED
+            continue
         caption_path = captions.get(path.with_suffix("").as_posix())
         if caption_path is None:
             yield relative, "missing_caption"
@@ -79,43 +106,113 @@ def folder_records(root: Path) -> Iterator[Record | tuple[str, str]]:
             yield caption_path.relative_to(root).as_posix(), "missing_image"
 
 
-def table_rows(path: Path, fmt: str) -> tuple[list[str], Iterator[dict[str, Any]]]:
-    """Return the column names and the rows of a CSV/TSV, JSONL or Parquet file."""
-    if fmt == "csv":
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as error:
-            raise BuildError(f"{path} is not UTF-8 text ({error}); save it as UTF-8 and run again") from None
-        try:
-            dialect = csv.Sniffer().sniff(text[:65536], delimiters=",\t;|")
-        except csv.Error as error:
-            raise BuildError(f"cannot detect the delimiter of {path}: {error}") from None
-        reader = csv.DictReader(io.StringIO(text), dialect=dialect)
-        return list(reader.fieldnames or []), iter(reader)
-    if fmt == "jsonl":
-        rows = []
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as error:
-            raise BuildError(f"{path} is not UTF-8 text ({error}); save it as UTF-8 and run again") from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as error:
-                raise BuildError(f"{path} line {number} is not JSON: {error}") from None
-            if not isinstance(row, dict):
-                raise BuildError(f"{path} line {number} is a JSON {type(row).__name__}, not an object of columns")
-            rows.append(row)
-        columns = sorted({key for row in rows for key in row})
-        return columns, iter(rows)
+# one CSV cell may hold a whole document; the csv module's default cap is 128 KiB
+CSV_FIELD_LIMIT = 2**31 - 1
+DELIMITERS = ",\t;|"
+
+
+@dataclass
+class Table:
+    """Rows of a CSV/TSV, JSONL or Parquet file, with rows that could not be parsed set aside."""
+
+    columns: list[str]
+    # (where the row is, for example "line 7", and the row or None for one that could not be parsed)
+    rows: Iterator[tuple[str, dict[str, Any] | None]]
+
+
+def read_text(path: Path) -> str:
     try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise BuildError(f"{path} is not UTF-8 text ({error}); save it as UTF-8 and run again") from None
+
+
+def guess_delimiter(path: Path, header: str) -> str:
+    """Return the delimiter that splits the header line into the most columns (a comma on a tie)."""
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    counts = {delimiter: len(next(csv.reader([header], delimiter=delimiter))) for delimiter in DELIMITERS}
+    return max(DELIMITERS, key=lambda delimiter: counts[delimiter])
+
+
+def csv_table(path: Path, delimiter: str | None) -> Table:
+    text = read_text(path)
+    if not text.strip():
+        raise BuildError(f"{path} is empty; a header line with the column names comes first")
+    delimiter = delimiter or guess_delimiter(path, text.partition("\n")[0])
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except csv.Error as error:
+        raise BuildError(f"{path} line 1 is not a CSV header: {error}") from None
+    columns = [name.strip() or f"column_{number}" for number, name in enumerate(header, 1)]
+    repeated = sorted({name for name in columns if columns.count(name) > 1})
+    if repeated:
+        raise BuildError(
+            f"{path}: column name(s) {repeated} appear more than once in the header {columns}; rename them"
+        )
+
+    def rows() -> Iterator[tuple[str, dict[str, Any] | None]]:
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:
+                raise BuildError(f"{path} line {reader.line_num}: {error}") from None
+            if not cells:
+                # a blank line
+                continue
+            where = f"line {reader.line_num}"
+            yield where, dict(zip(columns, cells, strict=True)) if len(cells) == len(columns) else None
+
+    return Table(columns, rows())
+
+
+def jsonl_table(path: Path) -> Table:
+    rows: list[tuple[str, dict[str, Any] | None]] = []
+    first_error = ""
+    # only "\n" ends a line: U+2028 and other separators that str.splitlines() honours can sit inside a string
+    for number, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as error:
+            first_error = first_error or f"line {number} is not JSON: {error}"
+            row = None
+        if row is not None and not isinstance(row, dict):
+            first_error = first_error or f"line {number} is a JSON {type(row).__name__}, not an object of columns"
+            row = None
+        rows.append((f"line {number}", row))
+    if first_error and not any(row for _, row in rows):
+        raise BuildError(f"{path} {first_error}; each line must be one JSON object")
+    columns = sorted({key for _, row in rows if row for key in row})
+    return Table(columns, iter(rows))
+
+
+def parquet_table(path: Path) -> Table:
+    try:
+        import pyarrow
         import pyarrow.parquet as parquet
     except ImportError:
         raise BuildError("reading Parquet needs pyarrow: pip install 'mmalign[parquet]'") from None
-    table = parquet.read_table(path)
-    return list(table.column_names), iter(table.to_pylist())
+    try:
+        table = parquet.read_table(path)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise BuildError(f"{path} is not a readable Parquet file: {error}") from None
+    rows = ((f"row {number}", row) for number, row in enumerate(table.to_pylist(), 1))
+    return Table(list(table.column_names), rows)
+
+
+def read_table(path: Path, fmt: str, delimiter: str | None = None) -> Table:
+    """Return the columns and rows of a CSV/TSV, JSONL or Parquet file."""
+    if fmt == "csv":
+        return csv_table(path, delimiter)
+    if fmt == "jsonl":
+        return jsonl_table(path)
+    return parquet_table(path)
 
 
 def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: Path) -> str:
@@ -131,15 +228,23 @@ def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, .
     raise BuildError(f"{path}: no {what} column among {columns}; name it with {option} NAME")
 
 
-def table_records(path: Path, fmt: str, options: BuildOptions) -> Iterator[Record]:
-    """Check the table's columns now, then return a generator of its rows as Records."""
-    columns, rows = table_rows(path, fmt)
-    image_column = pick_column(columns, options.image_column, IMAGE_COLUMNS, "image", path)
-    caption_column = pick_column(columns, options.caption_column, CAPTION_COLUMNS, "caption", path)
+def table_records(path: Path, fmt: str, options: BuildOptions) -> Iterator[Record | tuple[str, str]]:
+    """Check the table's columns now, then return a generator of its rows as Records or skips."""
+    table = read_table(path, fmt, options.delimiter)
+    image_column = pick_column(table.columns, options.image_column, IMAGE_COLUMNS, "image", path)
+    caption_column = pick_column(table.columns, options.caption_column, CAPTION_COLUMNS, "caption", path)
 
-    def records() -> Iterator[Record]:
-        for row in rows:
-            image = str(row.get(image_column) or "")
+    def records() -> Iterator[Record | tuple[str, str]]:
+        for where, row in table.rows:
+            location = f"{path.name} {where}"
+            if row is None:
+                yield location, "malformed_row"
+                continue
+            image = row.get(image_column)
+            image = "" if image is None else str(image).strip()
+            if not image:
+                yield location, "missing_image"
+                continue
             if image.startswith(("http://", "https://")):
                 raise BuildError(
                     f"{path}: image {image!r} is a URL; shards build reads local files only, "
@@ -147,7 +252,13 @@ def table_records(path: Path, fmt: str, options: BuildOptions) -> Iterator[Recor
                 )
             image_path = Path(image) if Path(image).is_absolute() else path.parent / image
             extra = {key: value for key, value in row.items() if key not in (image_column, caption_column)}
-            yield Record(source=image, caption=row.get(caption_column), image_path=str(image_path), extra=extra)
+            yield Record(
+                source=image,
+                caption=row.get(caption_column),
+                image_path=str(image_path),
+                extra=extra,
+                location=location,
+            )
 
     return records()
 
@@ -171,7 +282,8 @@ def shard_records(pattern: str) -> Iterator[Record | tuple[str, str]]:
             except SampleError as error:
                 yield f"{url}#{item.key}", error.reason
                 continue
-            extra = {key: value for key, value in extra.items() if key not in ("key", "caption", "width", "height")}
+            # fields that the build writes anew; the rest (img2dataset's url, status, ...) travel on
+            extra = {key: value for key, value in extra.items() if key not in GENERATED_FIELDS}
             source = extra.pop("original_path", None) or f"{Path(url).name}#{item.key}"
             yield Record(
                 source=source,
