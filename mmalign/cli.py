@@ -141,7 +141,11 @@ def shards_main(argv: Sequence[str]) -> int:
                 input_format=args.format,
                 delimiter=args.delimiter.replace("\\t", "\t") if args.delimiter else None,
             )
-            stats = build(args.input, options)
+            try:
+                stats = build(args.input, options)
+            except KeyboardInterrupt:
+                logging.getLogger("mmalign").error("interrupted: nothing was written, and %s is as it was", args.out)
+                return 130
             print(json.dumps({key: value for key, value in stats.items() if key != "options"}, indent=1))
             return 0
         urls = check_urls(args.shards, "shards")
@@ -162,6 +166,9 @@ def inspect_command(args: argparse.Namespace, urls: list[str]) -> int:
     from mmalign.data.inspect import contact_sheet, format_inspect, inspect
     from mmalign.model import create_model, create_tokenizer
 
+    if args.sheet is not None and args.samples < 1:
+        logging.getLogger("mmalign").error("--samples %d: a contact sheet needs at least 1 sample", args.samples)
+        return 2
     if args.sheet is not None:
         blocked = next((folder for folder in args.sheet.parents if folder.exists() and not folder.is_dir()), None)
         if blocked is not None or args.sheet.is_dir():

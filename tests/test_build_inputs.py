@@ -3,14 +3,17 @@
 import json
 import math
 import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from mmalign.cli import main
-from mmalign.data.build import BuildError, BuildOptions, build
+from mmalign.data.build import BuildError, BuildOptions, build, ordered_pool_map
+from mmalign.data.build_inputs import Record
 from mmalign.data.reader import FieldSpec, check_urls
 from mmalign.data.verify import verify
-from tests.helpers import encode, shape_image
+from tests.helpers import encode, shape_image, write_tar
 
 
 def images(folder, count):
@@ -250,3 +253,141 @@ def test_inspect_sheet_under_a_file_is_refused(tmp_path, caplog):
     status = main(["shards", "inspect", "shards/val-000.tar", "--sheet", str(tmp_path / "afile" / "x.png")])
     assert status == 2
     assert "--sheet" in caplog.text
+
+
+def test_csv_unclosed_quote_is_refused_not_swallowed(tmp_path):
+    images(tmp_path, 3)
+    table = tmp_path / "pairs.csv"
+    table.write_text('image,caption\n0.png,"The ""best"" cat\n1.png,a dog\n2.png,a bird\n')
+    with pytest.raises(BuildError, match="line 2: a quoted cell opens here and is never closed"):
+        build(str(table), BuildOptions(out=tmp_path / "out"), progress=False)
+
+
+def test_csv_bad_quoting_skips_the_row_with_its_lines(tmp_path):
+    images(tmp_path, 3)
+    table = tmp_path / "pairs.csv"
+    table.write_text('image,caption\n0.png,"bad" quote\n1.png,"two\nlines",extra\n2.png,"a quoted\ncaption"\n')
+    stats = build(str(table), BuildOptions(out=tmp_path / "out"), progress=False)
+    assert stats["samples"] == 1
+    assert [item["input"] for item in skipped_inputs(tmp_path / "out")] == ["pairs.csv line 2", "pairs.csv lines 3-4"]
+    assert metadata(tmp_path / "out")[0]["caption"] == "a quoted\ncaption"
+
+
+def test_csv_delimiter_respects_quoted_header(tmp_path):
+    images(tmp_path, 1)
+    table = tmp_path / "pairs.csv"
+    table.write_text('image;"caption, en"\n0.png;"a cat, sitting"\n')
+    build(str(table), BuildOptions(out=tmp_path / "out", caption_column="caption, en"), progress=False)
+    assert metadata(tmp_path / "out")[0]["caption"] == "a cat, sitting"
+
+
+def test_parquet_image_bytes_are_read(tmp_path):
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as parquet
+
+    png = encode(shape_image("red", "circle", 16), "PNG")
+    table = pyarrow.table(
+        {
+            "image": [png, None],
+            # the Hugging Face datasets layout
+            "picture": [{"bytes": png, "path": "cat.png"}, {"bytes": None, "path": "gone.png"}],
+            "caption": ["a red circle", "nothing"],
+        }
+    )
+    parquet.write_table(table, tmp_path / "pairs.parquet")
+    stats = build(str(tmp_path / "pairs.parquet"), BuildOptions(out=tmp_path / "a"), progress=False)
+    assert stats["samples"] == 1
+    assert stats["skipped_by_reason"] == {"missing_image": 1}
+    assert metadata(tmp_path / "a")[0]["original_path"] == "pairs.parquet row 1"
+    options = BuildOptions(out=tmp_path / "b", image_column="picture")
+    stats = build(str(tmp_path / "pairs.parquet"), options, progress=False)
+    assert stats["skipped_by_reason"] == {"image_not_found": 1}
+    assert metadata(tmp_path / "b")[0]["original_path"] == "cat.png"
+
+
+def test_reshard_keeps_samples_whose_json_is_broken(tmp_path):
+    png = encode(shape_image("red", "circle", 16), "PNG")
+    write_tar(tmp_path / "in.tar", [("a.png", png), ("a.txt", b"a red circle"), ("a.json", b"{not json")])
+    stats = build(str(tmp_path / "in.tar"), BuildOptions(out=tmp_path / "out"), progress=False)
+    # training reads the caption from a.txt, so the sample is usable there too
+    assert stats["samples"] == 1
+    assert metadata(tmp_path / "out")[0]["source_json_text"] == "{not json"
+
+
+def test_reshard_of_shard_cut_between_samples(tmp_path):
+    png = encode(shape_image("red", "circle", 16), "PNG")
+    whole = write_tar(tmp_path / "whole.tar", [("a.png", png), ("a.txt", b"one"), ("b.png", png), ("b.txt", b"two")])
+    with tarfile.open(whole) as tar:
+        second = [member.offset for member in tar][2]
+    (tmp_path / "cut.tar").write_bytes(whole.read_bytes()[:second])
+    stats = build(str(tmp_path / "cut.tar"), BuildOptions(out=tmp_path / "out"), progress=False)
+    # sample a is whole; the cut broke no sample, so none is counted as skipped
+    assert stats["samples"] == 1
+    assert stats["skipped"] == 0
+
+
+def test_parallel_build_keeps_few_jobs_in_flight():
+    pulled = 0
+
+    def jobs():
+        nonlocal pulled
+        for index in range(1000):
+            pulled += 1
+            yield Record(f"{index}", "caption", image_bytes=b""), BuildOptions(out=Path("unused"))
+
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        results = ordered_pool_map(pool, jobs(), workers=2, chunk=4)
+        first = next(results)
+        assert pulled <= (2 * 2 + 1) * 4
+        rest = list(results)
+    assert first == ("0", "empty_image")
+    assert [result[0] for result in rest] == [str(index) for index in range(1, 1000)]
+
+
+def test_overwrite_stops_at_folders_named_like_shards(tmp_path):
+    images(tmp_path / "in", 1)
+    (tmp_path / "in" / "0.txt").write_text("circle")
+    (tmp_path / "out" / "shard-000000.tar").mkdir(parents=True)
+    with pytest.raises(BuildError, match=r"folders named like build files \(\['shard-000000.tar'\]\)"):
+        build(str(tmp_path / "in"), BuildOptions(out=tmp_path / "out", overwrite=True), progress=False)
+
+
+def test_overwrite_ignores_odd_manifest_names(tmp_path):
+    images(tmp_path / "in", 1)
+    (tmp_path / "in" / "0.txt").write_text("circle")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    (out / "_manifest.json").write_text(json.dumps({"shards": [{"name": 5}, {"name": "keep.txt"}, {"name": "../x"}]}))
+    build(str(tmp_path / "in"), BuildOptions(out=out, overwrite=True), progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_build_inside_its_input_skips_its_own_files(tmp_path):
+    source = tmp_path / "in"
+    images(source, 2)
+    (source / "0.txt").write_text("circle 0")
+    (source / "1.txt").write_text("circle 1")
+    build(str(source), BuildOptions(out=source / "shards"), progress=False)
+    stats = build(str(source), BuildOptions(out=source / "shards", overwrite=True), progress=False)
+    assert stats["samples"] == 2
+    assert stats["ignored_files"] == 0
+
+
+def test_failed_build_leaves_no_empty_output(tmp_path):
+    (tmp_path / "in").mkdir()
+    with pytest.raises(BuildError, match="no usable sample"):
+        build(str(tmp_path / "in"), BuildOptions(out=tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_long_prefix_is_refused(tmp_path):
+    images(tmp_path / "in", 1)
+    with pytest.raises(BuildError, match="up to 200 letters"):
+        build(str(tmp_path / "in"), BuildOptions(out=tmp_path / "out", prefix="p" * 250), progress=False)
+
+
+def test_inspect_sheet_needs_samples(tmp_path, caplog):
+    status = main(["shards", "inspect", "shards/val-000.tar", "--sheet", str(tmp_path / "s.png"), "--samples", "0"])
+    assert status == 2
+    assert "--samples 0" in caplog.text

@@ -409,3 +409,30 @@ def test_verify_checks_the_build_manifest(tmp_path):
     problems = {item["shard"].rsplit("/", 1)[1]: item["problem"] for item in result["manifest_problems"]}
     assert problems["shard-000000.tar"] == "its SHA-256 differs from the manifest's"
     assert problems["shard-000002.tar"] == "listed in _manifest.json with 4 samples, but not found"
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("{bad", "not a build manifest (JSONDecodeError"),
+        ("[1]", "not a build manifest (TypeError"),
+        ('{"shards": [{"samples": 3}]}', "not a build manifest (KeyError"),
+        ('{"shards": [{"name": "../elsewhere.tar"}]}', "lists '../elsewhere.tar', which is not a shard file name"),
+    ],
+)
+def test_verify_reports_unusable_manifest(tmp_path, content, problem):
+    out = built_shards(tmp_path)
+    (out / "_manifest.json").write_text(content)
+    result = verify(check_urls(str(out), "k"), FieldSpec(), progress=False)
+    assert result["ok"] is False
+    assert result["samples"] == 12
+    assert result["manifest_problems"][0]["problem"].startswith(problem)
+
+
+def test_verify_reports_shards_the_manifest_omits(tmp_path):
+    out = built_shards(tmp_path)
+    (out / "shard-000003.tar").write_bytes((out / "shard-000000.tar").read_bytes())
+    result = verify(check_urls(str(out / "shard-00000{0,3}.tar"), "k"), FieldSpec(), progress=False)
+    assert result["manifest_problems"] == [
+        {"shard": str(out / "shard-000003.tar"), "problem": "not listed in the _manifest.json next to it"}
+    ]

@@ -19,8 +19,10 @@ give the same shards.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -30,9 +32,9 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from tqdm.auto import tqdm
 
 from mmalign.data.build_inputs import IGNORED, BuildError, Record, input_records
 from mmalign.data.decode import SampleError, decode_image, split_captions
+from mmalign.data.reader import file_sha256
 from mmalign.data.report import format_counts
 from mmalign.data.sample import json_caption_text
 
@@ -49,7 +52,7 @@ KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 SKIPS_LOGGED = 10
 OUTPUT_FILES = ("_stats.json", "_manifest.json", "_skipped.jsonl")
 STAGING_PREFIX = ".mmalign-staging-"
-PREFIX_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+PREFIX_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 logger = logging.getLogger("mmalign.build")
 
 
@@ -176,6 +179,27 @@ def _process_star(arguments: tuple[Record, BuildOptions]) -> Processed | tuple[s
     return process(*arguments)
 
 
+def _process_chunk(chunk: list[tuple[Record, BuildOptions]]) -> list[Processed | tuple[str, str]]:
+    return [process(*arguments) for arguments in chunk]
+
+
+def ordered_pool_map(
+    pool: ProcessPoolExecutor, jobs: Iterator[tuple[Record, BuildOptions]], workers: int, chunk: int = 16
+) -> Iterator[Processed | tuple[str, str]]:
+    """Process jobs on the pool in chunks, yielding results in input order.
+
+    At most two chunks per worker are in flight, so memory stays bounded however large
+    the input is (``Executor.map`` would submit every job, image bytes included, at once).
+    """
+    pending: deque[Future] = deque()
+    while batch := list(itertools.islice(jobs, chunk)):
+        pending.append(pool.submit(_process_chunk, batch))
+        if len(pending) > 2 * workers:
+            yield from pending.popleft().result()
+    while pending:
+        yield from pending.popleft().result()
+
+
 class ShardWriter:
     """Writes numbered tar shards, each under a temporary name until it is complete."""
 
@@ -223,7 +247,7 @@ class ShardWriter:
         self.tar = None
         entry = self.shards[-1]
         entry["bytes"] = self.temporary.stat().st_size
-        entry["sha256"] = hashlib.sha256(self.temporary.read_bytes()).hexdigest()
+        entry["sha256"] = file_sha256(self.temporary)
         os.replace(self.temporary, self.path)
 
 
@@ -241,7 +265,9 @@ def check_options(options: BuildOptions) -> None:
     if options.dedup not in ("none", "image", "pair"):
         problems.append(f"--dedup {options.dedup!r} (none, image or pair)")
     if not PREFIX_PATTERN.fullmatch(options.prefix):
-        problems.append(f"--prefix {options.prefix!r} (letters, digits, '.', '_' and '-', not starting with '.')")
+        problems.append(
+            f"--prefix {options.prefix!r} (up to 200 letters, digits, '.', '_' and '-', not starting with '.')"
+        )
     if options.delimiter is not None and len(options.delimiter) != 1:
         problems.append(f"--delimiter {options.delimiter!r} (one character, for example ',' or '\\t')")
     if options.out.exists() and not options.out.is_dir():
@@ -253,21 +279,31 @@ def check_options(options: BuildOptions) -> None:
 def existing_output(options: BuildOptions) -> list[Path]:
     """Return the files of an earlier build in the output folder; raise unless ``overwrite`` is set.
 
-    These are the shards its ``_manifest.json`` lists, any ``PREFIX-NNNNNN.tar`` of this
-    build's prefix, and the build's own record files. Nothing else in the folder is touched.
+    These are the ``.tar`` files its ``_manifest.json`` lists, any ``PREFIX-NNNNNN.tar`` of
+    this build's prefix, and the build's own record files. Nothing else in the folder is touched.
     """
     if not options.out.is_dir():
         return []
     names = {path.name for path in options.out.iterdir() if is_shard_name(path.name, options.prefix)}
+    names.update(name for name in OUTPUT_FILES if (options.out / name).exists())
     manifest = options.out / "_manifest.json"
     if manifest.is_file():
         try:
             listed = [entry["name"] for entry in json.loads(manifest.read_text(encoding="utf-8"))["shards"]]
         except (ValueError, KeyError, TypeError) as error:
             raise BuildError(f"{manifest} is not a build manifest ({error}); move it away and run again") from None
-        names.update(name for name in listed if (options.out / name).is_file() and Path(name).name == name)
-    names.update(name for name in OUTPUT_FILES if (options.out / name).exists())
+        names.update(
+            name
+            for name in listed
+            if isinstance(name, str)
+            and Path(name).name == name
+            and name.endswith(".tar")
+            and (options.out / name).exists()
+        )
     existing = sorted(options.out / name for name in names)
+    folders = [path.name for path in existing if path.is_dir()]
+    if folders:
+        raise BuildError(f"{options.out} contains folders named like build files ({folders}); move them away")
     if existing and not options.overwrite:
         raise BuildError(
             f"{options.out} already contains shards ({existing[0].name}, {len(existing)} files in all); "
@@ -283,11 +319,18 @@ def is_shard_name(name: str, prefix: str) -> bool:
 
 
 def publish(staging: Path, options: BuildOptions, replaced: list[Path]) -> None:
-    """Replace the earlier build's files with the staged ones, now that the new build is complete."""
-    for path in replaced:
-        path.unlink()
+    """Replace the earlier build's files with the staged ones, now that the new build is complete.
+
+    The new files go in first, each replacing any old file of its name in one step; then
+    the old files that no new one replaced are deleted.
+    """
+    written = set()
     for path in sorted(staging.iterdir()):
         os.replace(path, options.out / path.name)
+        written.add(path.name)
+    for path in replaced:
+        if path.name not in written:
+            path.unlink()
     staging.rmdir()
 
 
@@ -344,6 +387,7 @@ def build(source: str, options: BuildOptions, progress: bool = True) -> dict[str
     check_options(options)
     replaced = existing_output(options)
     records = input_records(source, options)
+    created = not options.out.exists()
     try:
         options.out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=options.out))
@@ -354,15 +398,18 @@ def build(source: str, options: BuildOptions, progress: bool = True) -> dict[str
         logger.warning("%s contains %s, left by builds that did not finish; delete them", options.out, stale)
     try:
         stats = write_shards(source, records, replace(options, out=staging), progress)
+        if stats["samples"] == 0:
+            raise BuildError(
+                f"no usable sample in {source}: {stats['skipped']} skipped "
+                f"({format_counts(stats['skipped_by_reason'])}); nothing was written"
+            )
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            # a folder this build made and left empty is not kept
+            with contextlib.suppress(OSError):
+                options.out.rmdir()
         raise
-    if stats["samples"] == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise BuildError(
-            f"no usable sample in {source}: {stats['skipped']} skipped "
-            f"({format_counts(stats['skipped_by_reason'])}); nothing was written"
-        )
     stats["options"]["out"] = str(options.out)
     (staging / "_stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
     publish(staging, options, replaced)
@@ -403,7 +450,10 @@ def write_shards(
             yield record, options
 
     with dropped, ProcessPoolExecutor(max_workers=max(1, options.workers)) as pool:
-        results = pool.map(_process_star, jobs(), chunksize=16) if options.workers > 1 else map(_process_star, jobs())
+        if options.workers > 1:
+            results = ordered_pool_map(pool, jobs(), options.workers)
+        else:
+            results = map(_process_star, jobs())
         for result in tqdm(results, desc="build", unit=" samples", disable=not progress):
             if isinstance(result, tuple):
                 note_skip(*result)

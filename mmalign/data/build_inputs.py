@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from mmalign.data.decode import SampleError
 from mmalign.data.reader import FieldSpec, RawSample, ShardTruncated, check_urls, iter_shard
 from mmalign.data.sample import caption_candidates, parse_json
+
+logger = logging.getLogger("mmalign.build")
 
 if TYPE_CHECKING:
     from mmalign.data.build import BuildOptions
@@ -69,10 +73,13 @@ def _has_images(folder: Path) -> bool:
     return any(item.suffix.lower() in IMAGE_SUFFIXES for item in folder.iterdir() if item.is_file())
 
 
-def walk_files(root: Path) -> list[Path]:
-    """Return every file under ``root``, following symlinked folders but never into a loop."""
+def walk_files(root: Path, exclude: Path | None = None) -> list[Path]:
+    """Return every file under ``root``, following symlinked folders but never into a loop.
+
+    The folder ``exclude`` (a build's own output inside its input) is left out.
+    """
     files = []
-    seen = set()
+    seen = {os.path.realpath(exclude)} if exclude is not None else set()
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
@@ -83,9 +90,9 @@ def walk_files(root: Path) -> list[Path]:
     return sorted(path for path in files if path.is_file())
 
 
-def folder_records(root: Path) -> Iterator[Record | tuple[str, str]]:
+def folder_records(root: Path, exclude: Path | None = None) -> Iterator[Record | tuple[str, str]]:
     """Yield a Record per image with a same-named .txt, or (source, skip reason) for an unpaired file."""
-    files = walk_files(root)
+    files = walk_files(root, exclude)
     captions = {path.with_suffix("").as_posix(): path for path in files if path.suffix.lower() == ".txt"}
     used_captions = set()
     for path in files:
@@ -127,21 +134,36 @@ def read_text(path: Path) -> str:
         raise BuildError(f"{path} is not UTF-8 text ({error}); save it as UTF-8 and run again") from None
 
 
-def guess_delimiter(path: Path, header: str) -> str:
-    """Return the delimiter that splits the header line into the most columns (a comma on a tie)."""
+def guess_delimiter(path: Path, text: str) -> str:
+    """Return the delimiter of a CSV file: a tab for .tsv, else the best of ``DELIMITERS`` on the first lines.
+
+    Each candidate parses the header and up to 20 rows, quotes respected. It scores by, in
+    order: splitting the header at all, leaving no stray quote inside a header cell, giving
+    as many cells to each row as to the header, and the number of header cells. A comma
+    wins a tie.
+    """
     if path.suffix.lower() == ".tsv":
         return "\t"
-    counts = {delimiter: len(next(csv.reader([header], delimiter=delimiter))) for delimiter in DELIMITERS}
-    return max(DELIMITERS, key=lambda delimiter: counts[delimiter])
+    sample = text[:65536].rpartition("\n")[0] or text
+
+    def score(delimiter: str) -> tuple[bool, bool, int, int]:
+        records = list(itertools.islice(csv.reader(io.StringIO(sample), delimiter=delimiter), 21))
+        header = records[0] if records else []
+        consistent = sum(len(record) == len(header) for record in records[1:] if record)
+        stray_quote = any('"' in cell for cell in header)
+        return len(header) > 1, not stray_quote, consistent, len(header)
+
+    return max(DELIMITERS, key=score)
 
 
 def csv_table(path: Path, delimiter: str | None) -> Table:
     text = read_text(path)
     if not text.strip():
         raise BuildError(f"{path} is empty; a header line with the column names comes first")
-    delimiter = delimiter or guess_delimiter(path, text.partition("\n")[0])
+    delimiter = delimiter or guess_delimiter(path, text)
     csv.field_size_limit(CSV_FIELD_LIMIT)
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    # strict: a character after a closing quote is an error, not silently glued to the cell
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, strict=True)
     try:
         header = next(reader)
     except csv.Error as error:
@@ -149,25 +171,35 @@ def csv_table(path: Path, delimiter: str | None) -> Table:
     columns = [name.strip() or f"column_{number}" for number, name in enumerate(header, 1)]
     repeated = sorted({name for name in columns if columns.count(name) > 1})
     if repeated:
-        raise BuildError(
-            f"{path}: column name(s) {repeated} appear more than once in the header {columns}; rename them"
-        )
+        raise BuildError(f"{path}: column name(s) {repeated} appear more than once in the header; rename them")
 
     def rows() -> Iterator[tuple[str, dict[str, Any] | None]]:
         while True:
+            start = reader.line_num + 1
             try:
                 cells = next(reader)
             except StopIteration:
                 return
             except csv.Error as error:
-                raise BuildError(f"{path} line {reader.line_num}: {error}") from None
+                if "unexpected end of data" in str(error):
+                    raise BuildError(
+                        f"{path} line {start}: a quoted cell opens here and is never closed, so every line after "
+                        'it would be read into that cell; close the quote (a quote inside a cell is written "")'
+                    ) from None
+                # the reader starts afresh on the next line
+                yield lines(start, reader.line_num), None
+                continue
             if not cells:
                 # a blank line
                 continue
-            where = f"line {reader.line_num}"
+            where = lines(start, reader.line_num)
             yield where, dict(zip(columns, cells, strict=True)) if len(cells) == len(columns) else None
 
     return Table(columns, rows())
+
+
+def lines(first: int, last: int) -> str:
+    return f"line {first}" if first >= last else f"lines {first}-{last}"
 
 
 def jsonl_table(path: Path) -> Table:
@@ -241,6 +273,17 @@ def table_records(path: Path, fmt: str, options: BuildOptions) -> Iterator[Recor
                 yield location, "malformed_row"
                 continue
             image = row.get(image_column)
+            extra = {key: value for key, value in row.items() if key not in (image_column, caption_column)}
+            if isinstance(image, dict):
+                # the Hugging Face datasets layout: {"bytes": ..., "path": ...}, bytes if embedded
+                if image.get("bytes"):
+                    source = str(image.get("path") or location)
+                    yield Record(source, row.get(caption_column), image_bytes=bytes(image["bytes"]), extra=extra)
+                    continue
+                image = image.get("path")
+            if isinstance(image, bytes | bytearray):
+                yield Record(location, row.get(caption_column), image_bytes=bytes(image), extra=extra)
+                continue
             image = "" if image is None else str(image).strip()
             if not image:
                 yield location, "missing_image"
@@ -251,7 +294,6 @@ def table_records(path: Path, fmt: str, options: BuildOptions) -> Iterator[Recor
                     "so download the images first (for example with img2dataset)"
                 )
             image_path = Path(image) if Path(image).is_absolute() else path.parent / image
-            extra = {key: value for key, value in row.items() if key not in (image_column, caption_column)}
             yield Record(
                 source=image,
                 caption=row.get(caption_column),
@@ -268,7 +310,9 @@ def shard_records(pattern: str) -> Iterator[Record | tuple[str, str]]:
     for url in check_urls(pattern, "input"):
         for item in iter_shard(url, fields):
             if isinstance(item, ShardTruncated):
-                yield f"{url}#{item.key}", "truncated_shard"
+                logger.warning("input shard %s is truncated at %s; the samples after it are lost", url, item.key)
+                if item.broken:
+                    yield f"{url}#{item.key}", "truncated_shard"
                 break
             if not isinstance(item, RawSample):
                 continue
@@ -278,10 +322,14 @@ def shard_records(pattern: str) -> Iterator[Record | tuple[str, str]]:
                 continue
             try:
                 captions, repairs = caption_candidates(item, fields, "cp1252")
-                extra = parse_json(item)
             except SampleError as error:
                 yield f"{url}#{item.key}", error.reason
                 continue
+            try:
+                extra = parse_json(item)
+            except SampleError:
+                # the caption came from KEY.txt, so training reads this sample; keep it, and the text of KEY.json
+                extra = {"source_json_text": item.fields["json"].decode("utf-8", "replace")}
             # fields that the build writes anew; the rest (img2dataset's url, status, ...) travel on
             extra = {key: value for key, value in extra.items() if key not in GENERATED_FIELDS}
             source = extra.pop("original_path", None) or f"{Path(url).name}#{item.key}"
@@ -303,7 +351,7 @@ def input_records(source: str, options: BuildOptions) -> Iterator[Record | tuple
     if not path.exists():
         raise BuildError(f"input not found: {source}")
     if fmt == "folder":
-        return folder_records(path)
+        return folder_records(path, exclude=options.out)
     if fmt in ("csv", "jsonl", "parquet"):
         return table_records(path, fmt, options)
     raise BuildError(f"unknown input format {fmt!r}; use folder, csv, jsonl, parquet or shards")

@@ -15,6 +15,7 @@ raises :class:`ShardError`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import select
 import tarfile
@@ -143,6 +144,15 @@ def is_local(url: str) -> bool:
 
 def local_path(url: str) -> Path:
     return Path(urlparse(url).path if url.startswith("file:") else url)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Return the SHA-256 hex digest of a file, read in chunks so that memory stays flat."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_urls(spec: str | Sequence[str], config_key: str) -> list[str]:

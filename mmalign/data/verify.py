@@ -7,7 +7,6 @@ for every shard, readable pairs + skipped samples = samples read.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from collections import Counter
@@ -24,6 +23,7 @@ from mmalign.data.reader import (
     ShardEnd,
     ShardError,
     ShardTruncated,
+    file_sha256,
     is_local,
     iter_shard,
     local_path,
@@ -127,16 +127,31 @@ def infer_lost_keys(results: list[ShardResult], manifests: dict[str, dict[str, A
         result.lost_keys = [f"{number:0{width}d}" for number in range(start, end)]
 
 
-def read_manifests(urls: list[str]) -> dict[Path, dict[str, Any]]:
-    """Return the per-shard entries of the build manifests next to local shards, by shard path."""
+def read_manifests(urls: list[str]) -> tuple[dict[Path, dict[str, Any]], list[dict[str, Any]]]:
+    """Return the per-shard entries of the build manifests next to local shards, by shard path.
+
+    Also returns the problems of manifests that cannot be used: not JSON, not a manifest,
+    or an entry whose name is not a plain ``.tar`` file name in the manifest's folder.
+    """
     entries: dict[Path, dict[str, Any]] = {}
+    problems: list[dict[str, Any]] = []
     folders = {local_path(url).parent for url in urls if is_local(url)}
     for folder in sorted(folders):
         path = folder / MANIFEST
-        if path.is_file():
-            for entry in json.loads(path.read_text(encoding="utf-8")).get("shards", []):
-                entries[folder / entry["name"]] = entry
-    return entries
+        if not path.is_file():
+            continue
+        try:
+            listed = json.loads(path.read_text(encoding="utf-8"))["shards"]
+            names = [entry["name"] for entry in listed]
+        except (ValueError, KeyError, TypeError) as error:
+            problems.append({"shard": str(path), "problem": f"not a build manifest ({type(error).__name__}: {error})"})
+            continue
+        for entry, name in zip(listed, names, strict=True):
+            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".tar"):
+                problems.append({"shard": str(path), "problem": f"lists {name!r}, which is not a shard file name"})
+                continue
+            entries[folder / name] = entry
+    return entries, problems
 
 
 def check_manifests(results: list[ShardResult], manifests: dict[Path, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -156,13 +171,21 @@ def check_manifests(results: list[ShardResult], manifests: dict[Path, dict[str, 
                 {"shard": result.url, "problem": f"holds {held} samples, the manifest lists {entry['samples']}"}
             )
         elif "sha256" in entry:
-            digest = hashlib.sha256(local_path(result.url).read_bytes()).hexdigest()
+            digest = file_sha256(local_path(result.url))
             if digest != entry["sha256"]:
                 problems.append({"shard": result.url, "problem": "its SHA-256 differs from the manifest's"})
     problems.extend(
         {"shard": str(path), "problem": f"listed in {MANIFEST} with {entry.get('samples', '?')} samples, but not found"}
         for path, entry in manifests.items()
         if not path.exists()
+    )
+    listed_folders = {path.parent for path in manifests}
+    problems.extend(
+        {"shard": result.url, "problem": f"not listed in the {MANIFEST} next to it"}
+        for result in results
+        if is_local(result.url)
+        and local_path(result.url).parent in listed_folders
+        and local_path(result.url) not in manifests
     )
     return problems
 
@@ -175,9 +198,9 @@ def verify(urls: list[str], fields: FieldSpec, max_pixels: int = 25_000_000, pro
         verify_shard(url, fields, max_pixels, report, keys)
         for url in tqdm(urls, desc="verify", unit="shard", disable=not progress)
     ]
-    manifests = read_manifests(urls)
+    manifests, manifest_problems = read_manifests(urls)
     infer_lost_keys(results, manifests)
-    manifest_problems = check_manifests(results, manifests)
+    manifest_problems += check_manifests(results, manifests)
     split_keys = [
         {"key": left.last_key, "shards": [left.url, right.url]}
         for left, right in itertools.pairwise(results)
