@@ -148,6 +148,19 @@ class EvalConfig(_Section):
     recall_k: list[Annotated[int, Field(ge=1)]] = Field([1, 5, 10], min_length=1)
     workers: int = Field(1, ge=0)
     build_index: bool = Field(False, description="after training, build a search index of eval.shards in RUN/index")
+    linear_probe_folds: int = Field(
+        5, ge=0, description="cross-validation folds of the linear probe on labelled images; 0 turns it off"
+    )
+    linear_probe_max_images: int = Field(
+        10_000, gt=1, description="labelled images the linear probe uses at most (a seeded random subset above)"
+    )
+
+    @field_validator("linear_probe_folds")
+    @classmethod
+    def _probe_folds(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("one fold leaves nothing to test on; use 0 (off) or 2 and more")
+        return value
 
 
 class Config(_Section):

@@ -22,7 +22,7 @@ from mmalign.data.reader import DataError, FieldSpec, ShardError, check_urls
 from mmalign.data.report import DataReport
 from mmalign.data.stream import EvalStream, StreamSettings
 from mmalign.logs import configure_logging
-from mmalign.metrics import DEFINITIONS, retrieval_metrics, zeroshot_metrics
+from mmalign.metrics import DEFINITIONS, linear_probe_metrics, retrieval_metrics, zeroshot_metrics
 
 logger = logging.getLogger("mmalign.eval")
 
@@ -172,19 +172,33 @@ def zeroshot_classifier(
 
 
 def compute_metrics(
-    data: EvalEmbeddings, classifier: torch.Tensor | None, ks: Sequence[int]
+    data: EvalEmbeddings,
+    classifier: torch.Tensor | None,
+    ks: Sequence[int],
+    probe_folds: int = 0,
+    probe_max_images: int = 10_000,
+    device: torch.device | str = "cpu",
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Return (eval.json scores, details) for embedded data."""
+    """Return (eval.json scores, details) for embedded data.
+
+    The linear probe runs on labelled images, on ``device``, when ``probe_folds`` is 2 or more.
+    """
     results: dict[str, float] = {}
     details: dict[str, Any] = {"definitions": DEFINITIONS, "images": len(data.keys)}
+    known = data.labels >= 0
     if classifier is not None:
-        known = data.labels >= 0
         details["zeroshot_images"] = int(known.sum())
         details["zeroshot_classes"] = int(classifier.shape[0])
         if known.any():
             results.update(zeroshot_metrics(data.image_emb[known], data.labels[known], classifier))
         else:
             logger.warning("no evaluation image has a class label; zero-shot scores are skipped")
+    if probe_folds >= 2 and known.any():
+        probe_results, probe_details = linear_probe_metrics(
+            data.image_emb[known], data.labels[known], probe_folds, probe_max_images, device=device
+        )
+        results.update(probe_results)
+        details.update(probe_details)
     if data.caption_texts:
         details["captions"] = len(data.caption_texts)
 
@@ -241,7 +255,14 @@ def evaluate_model(model: nn.Module, config: Config, accelerator, run_dir: Path 
     classifier = None
     if classes is not None and (labels is not None or config.eval.label_key):
         classifier = zeroshot_classifier(model, tokenizer, classes, accelerator.device, accelerator.autocast)
-    results, details = compute_metrics(data, classifier, config.eval.recall_k)
+    results, details = compute_metrics(
+        data,
+        classifier,
+        config.eval.recall_k,
+        config.eval.linear_probe_folds,
+        config.eval.linear_probe_max_images,
+        accelerator.device,
+    )
     if run_dir is not None and accelerator.is_main_process:
         (run_dir / "eval.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
         (run_dir / "eval_details.json").write_text(json.dumps(details, indent=1) + "\n", encoding="utf-8")

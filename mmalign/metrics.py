@@ -14,6 +14,10 @@ Definitions (also written to eval_details.json):
 - ties count against the query: a negative that scores equal to the best
   positive ranks above it, so a model that scores everything alike gets chance.
 - k larger than the gallery is clamped to the gallery size, with a warning.
+- linear probe: a logistic-regression classifier on the frozen image
+  embeddings, scored by stratified k-fold cross-validation on the labelled
+  held-out images. Its L2 penalty is chosen inside each training fold, so a
+  test fold never influences the probe that scores it.
 
 Chance levels are the expected scores of a uniformly random ranking.
 """
@@ -35,7 +39,13 @@ DEFINITIONS = {
     "retrieval/i2t": "every image is a query; hit when any of its captions is in the top k captions",
     "ties": "a negative scoring equal to the best positive ranks above it",
     "large_k": "k larger than the gallery is clamped to the gallery size",
+    "linear_probe": "logistic regression on frozen image embeddings, stratified k-fold cross-validation on the "
+    "labelled held-out images, L2 penalty chosen on a held-out part of each training fold",
 }
+# L2 penalties tried for the linear probe, weakest to strongest
+PROBE_PENALTIES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+# L-BFGS iterations per fit; the fits along the penalty path warm-start each other
+PROBE_STEPS = 100
 
 
 def clamp_k(k: int, size: int, what: str) -> int:
@@ -173,3 +183,127 @@ def retrieval_metrics(
             chance_hit(num_images, int(images_per_text[text]), k_images) for text in text_ids.tolist()
         ) / max(1, len(text_ids))
     return results
+
+
+def fit_linear_probe(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    weight_decay: float,
+    start: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit multinomial logistic regression with an L2 penalty by full-batch L-BFGS; return (weight, bias).
+
+    ``start`` warm-starts from an earlier solution, such as the one for a stronger penalty.
+
+    Shape:
+        features: (N, D); labels: (N,) class indices below ``num_classes``; weight: (D, C); bias: (C,).
+    """
+    if start is None:
+        start = (features.new_zeros(features.shape[1], num_classes), features.new_zeros(num_classes))
+    weight, bias = (tensor.clone().requires_grad_() for tensor in start)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], max_iter=PROBE_STEPS, history_size=20, line_search_fn="strong_wolfe", tolerance_change=1e-6
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(features @ weight + bias, labels)
+        loss = loss + weight_decay / 2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def probe_predict(probe: tuple[torch.Tensor, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+    weight, bias = probe
+    return (features @ weight + bias).argmax(dim=1)
+
+
+def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """Return a fold index per item (N,), each class dealt round-robin over the folds in a seeded random order."""
+    generator = torch.Generator().manual_seed(seed)
+    fold_of = torch.empty_like(labels)
+    offset = 0
+    for label in labels.unique():
+        members = (labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        # continuing the round-robin across classes keeps the folds' sizes within one of each other
+        fold_of[members] = (torch.arange(len(members)) + offset) % folds
+        offset += len(members)
+    return fold_of
+
+
+def linear_probe_metrics(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    folds: int = 5,
+    max_images: int = 10_000,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Cross-validated top-1 and mean per-class recall of a logistic-regression probe, with chance levels.
+
+    Every labelled image is scored once, by the probe trained on the other folds. The
+    L2 penalty is chosen from ``PROBE_PENALTIES`` on a held-out part of each training
+    fold, then the probe is refit on the whole training fold. Classes with fewer than
+    two images cannot be split and are left out, and above ``max_images`` a seeded random
+    subset is used; the returned details count the images and classes used and the folds run.
+
+    Shape:
+        features: (N, D) frozen embeddings; labels: (N,) class indices.
+    """
+    if len(labels) > max_images:
+        subset = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:max_images]
+        features, labels = features[subset], labels[subset]
+    classes, counts = labels.unique(return_counts=True)
+    kept = torch.isin(labels, classes[counts >= 2])
+    features, labels = features[kept].float().to(device), labels[kept].to(device)
+    classes, counts = labels.unique(return_counts=True)
+    if len(classes) < 2:
+        logger.warning("linear probe skipped: it needs two classes with at least two labelled images each")
+        return {}, {}
+    # class indices 0..C-1 in the order of the classes present
+    targets = torch.searchsorted(classes, labels)
+    splits = min(folds, int(counts.min()))
+    fold_of = stratified_folds(targets.cpu(), splits, seed).to(device)
+    predicted = torch.empty_like(targets)
+    for fold in range(splits):
+        train, test = fold_of != fold, fold_of == fold
+        penalty, start = choose_penalty(features[train], targets[train], len(classes), seed)
+        probe = fit_linear_probe(features[train], targets[train], len(classes), penalty, start)
+        predicted[test] = probe_predict(probe, features[test])
+    correct = predicted == targets
+    per_class = torch.stack([correct[targets == index].double().mean() for index in range(len(classes))])
+    results = {
+        "linear_probe/top1": correct.double().mean().item(),
+        "linear_probe/mean_per_class_recall": per_class.mean().item(),
+        "chance/linear_probe/top1": 1 / len(classes),
+        "chance/linear_probe/mean_per_class_recall": 1 / len(classes),
+    }
+    details = {"linear_probe_images": len(targets), "linear_probe_classes": len(classes), "linear_probe_folds": splits}
+    return results, details
+
+
+def choose_penalty(
+    features: torch.Tensor, targets: torch.Tensor, num_classes: int, seed: int
+) -> tuple[float, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Return the L2 penalty that scores best on a stratified fifth of the data, and its fit as a warm start.
+
+    The penalties are tried from strongest to weakest, each fit starting from the one before.
+    """
+    counts = targets.bincount(minlength=num_classes)
+    if counts[counts > 0].min() < 2:
+        return PROBE_PENALTIES[len(PROBE_PENALTIES) // 2], None
+    holdout = stratified_folds(targets.cpu(), min(5, int(counts[counts > 0].min())), seed + 1).to(targets.device) == 0
+    best_score, best_penalty, best_probe, probe = -1.0, PROBE_PENALTIES[-1], None, None
+    for penalty in sorted(PROBE_PENALTIES, reverse=True):
+        probe = fit_linear_probe(features[~holdout], targets[~holdout], num_classes, penalty, probe)
+        score = (probe_predict(probe, features[holdout]) == targets[holdout]).double().mean().item()
+        # on a tie the stronger penalty stays: the simpler probe that does as well
+        if score > best_score:
+            best_score, best_penalty, best_probe = score, penalty, probe
+    return best_penalty, best_probe

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmalign.data.decode import split_captions
-from mmalign.metrics import chance_hit, retrieval_metrics, zeroshot_metrics
+from mmalign.metrics import chance_hit, linear_probe_metrics, retrieval_metrics, stratified_folds, zeroshot_metrics
 
 CASES = Path(__file__).resolve().parents[1] / "tests" / "cases"
 
@@ -111,3 +111,54 @@ def test_chance_of_t2i_uses_gallery_size():
     assert result["chance/retrieval/t2i_R@1"] == pytest.approx(0.25)
     assert result["chance/retrieval/i2t_R@1"] == pytest.approx(5 / 20)
     assert not math.isnan(result["retrieval/i2t_R@1"])
+
+
+def clustered(labels: torch.Tensor, noise: float, dim: int = 16) -> torch.Tensor:
+    """Unit vectors around one random centre per class."""
+    generator = torch.Generator().manual_seed(1)
+    centres = torch.randn(int(labels.max()) + 1, dim, generator=generator)
+    return torch.nn.functional.normalize(centres[labels] + noise * torch.randn(len(labels), dim, generator=generator))
+
+
+def test_linear_probe_separates_what_zero_shot_cannot():
+    labels = torch.arange(4).repeat_interleave(30)
+    features = clustered(labels, noise=0.3)
+    # class embeddings that point nowhere near the clusters: zero-shot is at chance or below
+    assert zeroshot_metrics(features, labels, -torch.eye(4, 16))["zeroshot/top1"] <= 0.5
+    results, details = linear_probe_metrics(features, labels, folds=5)
+    assert results["linear_probe/top1"] == 1.0
+    assert results["linear_probe/mean_per_class_recall"] == 1.0
+    assert results["chance/linear_probe/top1"] == 0.25
+    assert details == {"linear_probe_images": 120, "linear_probe_classes": 4, "linear_probe_folds": 5}
+
+
+def test_linear_probe_on_random_labels_stays_near_chance():
+    generator = torch.Generator().manual_seed(2)
+    features = torch.nn.functional.normalize(torch.randn(200, 16, generator=generator))
+    labels = torch.randint(0, 4, (200,), generator=generator)
+    # every image is scored by a probe that never saw it, so noise cannot be memorised into the score
+    results, _ = linear_probe_metrics(features, labels, folds=5)
+    assert results["linear_probe/top1"] < 0.4
+
+
+def test_linear_probe_drops_classes_with_one_image():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+    results, details = linear_probe_metrics(clustered(labels, noise=0.1), labels, folds=5)
+    # class 2 has one image; the others have three, so three folds
+    assert details == {"linear_probe_images": 6, "linear_probe_classes": 2, "linear_probe_folds": 3}
+    assert results["chance/linear_probe/top1"] == 0.5
+    assert linear_probe_metrics(torch.randn(3, 4), torch.tensor([0, 0, 1]), folds=5) == ({}, {})
+
+
+def test_linear_probe_caps_the_images_used():
+    labels = torch.arange(3).repeat(100)
+    _, details = linear_probe_metrics(clustered(labels, noise=0.1), labels, folds=2, max_images=60)
+    assert details["linear_probe_images"] == 60
+
+
+def test_stratified_folds_balance_each_class():
+    labels = torch.tensor([0] * 10 + [1] * 5)
+    folds = stratified_folds(labels, 5, seed=0)
+    for fold in range(5):
+        assert (labels[folds == fold] == 0).sum() == 2
+        assert (labels[folds == fold] == 1).sum() == 1

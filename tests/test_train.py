@@ -77,6 +77,8 @@ def test_training_lowers_loss_and_writes_run_dir(tmp_path, shard_dir):
         "zeroshot/mean_per_class_recall",
         "retrieval/i2t_R@1",
         "retrieval/t2i_R@5",
+        "linear_probe/top1",
+        "linear_probe/mean_per_class_recall",
     ):
         assert 0.0 <= scores[key] <= 1.0
         assert f"chance/{key}" in scores
