@@ -416,7 +416,7 @@ def test_verify_checks_the_build_manifest(tmp_path):
     [
         ("{bad", "not a build manifest (JSONDecodeError"),
         ("[1]", "not a build manifest (TypeError"),
-        ('{"shards": [{"samples": 3}]}', "not a build manifest (KeyError"),
+        ('{"shards": [{"samples": 3}]}', "not a build manifest (its 'shards' must be a list of objects"),
         ('{"shards": [{"name": "../elsewhere.tar"}]}', "lists '../elsewhere.tar', which is not a shard file name"),
     ],
 )

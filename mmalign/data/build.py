@@ -47,6 +47,7 @@ from mmalign.data.decode import SampleError, decode_image, split_captions
 from mmalign.data.reader import file_sha256
 from mmalign.data.report import format_counts
 from mmalign.data.sample import json_caption_text
+from mmalign.data.verify import MANIFEST, is_plain_shard_name, load_manifest
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 SKIPS_LOGGED = 10
@@ -286,20 +287,13 @@ def existing_output(options: BuildOptions) -> list[Path]:
         return []
     names = {path.name for path in options.out.iterdir() if is_shard_name(path.name, options.prefix)}
     names.update(name for name in OUTPUT_FILES if (options.out / name).exists())
-    manifest = options.out / "_manifest.json"
+    manifest = options.out / MANIFEST
     if manifest.is_file():
         try:
-            listed = [entry["name"] for entry in json.loads(manifest.read_text(encoding="utf-8"))["shards"]]
-        except (ValueError, KeyError, TypeError) as error:
-            raise BuildError(f"{manifest} is not a build manifest ({error}); move it away and run again") from None
-        names.update(
-            name
-            for name in listed
-            if isinstance(name, str)
-            and Path(name).name == name
-            and name.endswith(".tar")
-            and (options.out / name).exists()
-        )
+            listed = [entry["name"] for entry in load_manifest(manifest)]
+        except ValueError as error:
+            raise BuildError(f"{manifest} is {error}; move it away and run again") from None
+        names.update(name for name in listed if is_plain_shard_name(name) and (options.out / name).exists())
     existing = sorted(options.out / name for name in names)
     folders = [path.name for path in existing if path.is_dir()]
     if folders:

@@ -127,6 +127,26 @@ def infer_lost_keys(results: list[ShardResult], manifests: dict[str, dict[str, A
         result.lost_keys = [f"{number:0{width}d}" for number in range(start, end)]
 
 
+def load_manifest(path: Path) -> list[dict[str, Any]]:
+    """Return the shard entries of a build manifest, each with a ``name``.
+
+    Raises:
+        ValueError: the file is not JSON, or not a manifest (a ``shards`` list of objects with a name).
+    """
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))["shards"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"not a build manifest ({type(error).__name__}: {error})") from None
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) and "name" in entry for entry in entries):
+        raise ValueError("not a build manifest (its 'shards' must be a list of objects with a 'name')")
+    return entries
+
+
+def is_plain_shard_name(name: Any) -> bool:
+    """Return whether a manifest entry's name is a ``.tar`` file in the manifest's own folder."""
+    return isinstance(name, str) and Path(name).name == name and name.endswith(".tar")
+
+
 def read_manifests(urls: list[str]) -> tuple[dict[Path, dict[str, Any]], list[dict[str, Any]]]:
     """Return the per-shard entries of the build manifests next to local shards, by shard path.
 
@@ -141,16 +161,17 @@ def read_manifests(urls: list[str]) -> tuple[dict[Path, dict[str, Any]], list[di
         if not path.is_file():
             continue
         try:
-            listed = json.loads(path.read_text(encoding="utf-8"))["shards"]
-            names = [entry["name"] for entry in listed]
-        except (ValueError, KeyError, TypeError) as error:
-            problems.append({"shard": str(path), "problem": f"not a build manifest ({type(error).__name__}: {error})"})
+            listed = load_manifest(path)
+        except ValueError as error:
+            problems.append({"shard": str(path), "problem": str(error)})
             continue
-        for entry, name in zip(listed, names, strict=True):
-            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".tar"):
-                problems.append({"shard": str(path), "problem": f"lists {name!r}, which is not a shard file name"})
+        for entry in listed:
+            if not is_plain_shard_name(entry["name"]):
+                problems.append(
+                    {"shard": str(path), "problem": f"lists {entry['name']!r}, which is not a shard file name"}
+                )
                 continue
-            entries[folder / name] = entry
+            entries[folder / entry["name"]] = entry
     return entries, problems
 
 
