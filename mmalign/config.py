@@ -66,6 +66,11 @@ class ModelConfig(_Section):
     freeze_logit_scale: bool = False
     grad_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each tower")
+    text_cache_size: int = Field(
+        100_000,
+        ge=0,
+        description="with a frozen text tower, cache the embeddings of up to this many captions; 0 turns it off",
+    )
 
 
 class DataConfig(_Section):

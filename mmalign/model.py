@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
@@ -263,6 +264,69 @@ def set_train_mode(model: nn.Module) -> None:
         params = list(module.parameters())
         if params and not any(param.requires_grad for param in params):
             module.eval()
+
+
+def text_tower_frozen(model: nn.Module) -> bool:
+    """Return whether every text-side parameter is frozen, so that a caption's embedding never changes."""
+    text = [
+        param
+        for name, param in model.named_parameters()
+        if not name.startswith("visual.") and name not in ("logit_scale", "logit_bias")
+    ]
+    return bool(text) and not any(param.requires_grad for param in text)
+
+
+class TextEmbeddingCache:
+    """Embeddings of a frozen text tower by token row, so that a caption seen before is not encoded again.
+
+    Installed as the model's ``encode_text``: rows already cached are looked up, the others are
+    encoded in one batch and kept while fewer than ``capacity`` are stored. The tower must stay
+    frozen and in eval mode (no dropout) while the cache is in place.
+    """
+
+    def __init__(self, encode: Callable[..., torch.Tensor], capacity: int) -> None:
+        self.encode = encode
+        self.capacity = capacity
+        self.entries: dict[bytes, torch.Tensor] = {}
+        # rows served without encoding, and rows encoded
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Return the embeddings of token rows ``text`` (N, L) as ``encode_text`` does: (N, D)."""
+        keys = [row.tobytes() for row in text.cpu().numpy()]
+        # the first row of each caption not cached yet
+        new: dict[bytes, int] = {}
+        for index, key in enumerate(keys):
+            if key not in self.entries:
+                new.setdefault(key, index)
+        fresh: dict[bytes, torch.Tensor] = {}
+        if new:
+            with torch.no_grad():
+                # float32, so that rows encoded with and without autocast can be stacked together
+                encoded = self.encode(text[list(new.values())], normalize=False).float()  # (n, D)
+            fresh = dict(zip(new, encoded, strict=True))
+        features = torch.stack([self.entries[key] if key in self.entries else fresh[key] for key in keys])
+        for key, value in fresh.items():
+            if len(self.entries) >= self.capacity:
+                break
+            self.entries[key] = value
+        self.misses += len(fresh)
+        self.hits += len(keys) - len(fresh)
+        return torch.nn.functional.normalize(features, dim=-1) if normalize else features
+
+
+def cache_text_embeddings(model: nn.Module, capacity: int) -> TextEmbeddingCache | None:
+    """Serve ``model.encode_text`` from a cache when the text tower is frozen; return the cache, or None.
+
+    The cache replaces the bound method on this model object only, so the weights, the
+    state dict and saved files are unchanged.
+    """
+    if capacity <= 0 or not text_tower_frozen(model):
+        return None
+    cache = TextEmbeddingCache(model.encode_text, capacity)
+    model.encode_text = cache
+    return cache
 
 
 def clamp_logit_scale(model: nn.Module, max_scale: float) -> None:

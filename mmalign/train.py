@@ -40,6 +40,7 @@ from mmalign.index import build_index
 from mmalign.logs import configure_logging
 from mmalign.loss import InfoNCELoss, at_least_float32
 from mmalign.model import (
+    cache_text_embeddings,
     clamp_logit_scale,
     create_model,
     create_tokenizer,
@@ -366,6 +367,9 @@ def train(config: Config) -> Path:
     scheduler = create_scheduler(optimizer, config.optim, total_steps)
     if config.model.compile:
         compile_towers(model)
+    text_cache = cache_text_embeddings(model, config.model.text_cache_size)
+    if text_cache is not None:
+        logger.info("text tower frozen: its embeddings of up to %d captions are cached", text_cache.capacity)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     def order(pass_index: int) -> list[str]:
@@ -409,6 +413,13 @@ def train(config: Config) -> Path:
             f"run.resume=auto continues from {latest}" if latest else "no checkpoint was written yet",
         )
         raise
+    if text_cache is not None:
+        logger.info(
+            "text cache: %d captions stored; %d embeddings looked up, %d encoded",
+            len(text_cache.entries),
+            text_cache.hits,
+            text_cache.misses,
+        )
     finish(config, accelerator, run_dir, model, report, progress)
     return run_dir
 

@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 
 import open_clip
@@ -204,3 +205,60 @@ def test_hf_text_tower_model_round_trips(tmp_path):
         folder.rename(moved)
         ours = load_model(moved)
         assert torch.allclose(ours.encode_text(create_tokenizer(ours)(["a red heart"])), expected, atol=1e-5)
+
+
+def frozen_text_model():
+    from mmalign.config import ModelConfig
+    from mmalign.model import create_model
+
+    model = create_model(ModelConfig(name="mm-test")).eval()
+    for name, param in model.named_parameters():
+        if not name.startswith("visual.") and name != "logit_scale":
+            param.requires_grad_(False)
+    return model
+
+
+def test_text_cache_returns_what_the_tower_computes():
+    from mmalign.model import cache_text_embeddings, create_tokenizer
+
+    model = frozen_text_model()
+    tokens = create_tokenizer(model)(["a red circle", "a blue square", "a red circle", "a green cross"])
+    with torch.no_grad():
+        expected = model.encode_text(tokens, normalize=True)
+    cache = cache_text_embeddings(model, capacity=2)
+    assert cache is not None
+    first = model.encode_text(tokens, normalize=True)
+    # the repeated caption is encoded once; the cache keeps only its capacity
+    assert (cache.hits, cache.misses, len(cache.entries)) == (1, 3, 2)
+    second = model.encode_text(tokens, normalize=True)
+    assert (cache.hits, cache.misses) == (4, 4)
+    assert torch.allclose(first, expected, atol=1e-6)
+    assert torch.allclose(second, expected, atol=1e-6)
+    # without normalize, the raw features come back
+    assert torch.allclose(torch.nn.functional.normalize(model.encode_text(tokens), dim=-1), expected, atol=1e-6)
+
+
+def test_text_cache_needs_a_frozen_text_tower():
+    from mmalign.config import ModelConfig
+    from mmalign.model import cache_text_embeddings, create_model
+
+    # freeze_text keeps the text projection of a built-in tower trainable, so captions' embeddings move
+    model = create_model(ModelConfig(name="mm-test", freeze_text=True))
+    assert cache_text_embeddings(model, capacity=100) is None
+    assert cache_text_embeddings(frozen_text_model(), capacity=0) is None
+
+
+def test_training_with_text_cache_matches_without(tmp_path, shard_dir, caplog):
+    caplog.set_level(logging.INFO, logger="mmalign")
+    losses = {}
+    for size in (0, 1000):
+        config = tiny_config(
+            tmp_path / str(size),
+            shard_dir,
+            model={"name": "mm-tiny-minilm", "freeze_text": True, "text_cache_size": size},
+            train={"steps": 12, "checkpoint_every": 100},
+            eval={"shards": None},
+        )
+        losses[size] = [record["train/loss"] for record in read_metrics(train(config))]
+    assert losses[1000] == pytest.approx(losses[0], rel=1e-5)
+    assert "text cache: " in caplog.text
