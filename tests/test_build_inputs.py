@@ -16,10 +16,13 @@ from mmalign.data.verify import verify
 from tests.helpers import encode, shape_image, write_tar
 
 
-def images(folder, count):
+def images(folder, count, captions=False):
+    """Write INDEX.png circles, and with ``captions`` an INDEX.txt "circle INDEX" beside each."""
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
         (folder / f"{index}.png").write_bytes(encode(shape_image("red", "circle", 16), "PNG"))
+        if captions:
+            (folder / f"{index}.txt").write_text(f"circle {index}")
 
 
 def metadata(out, shard="shard-000000.tar"):
@@ -163,9 +166,7 @@ def test_parquet_extras_are_written_as_standard_json(tmp_path):
 
 
 def test_resharding_twice_does_not_nest_fields(tmp_path):
-    images(tmp_path / "in", 2)
-    for index in range(2):
-        (tmp_path / "in" / f"{index}.txt").write_text(f"circle {index}")
+    images(tmp_path / "in", 2, captions=True)
     build(str(tmp_path / "in"), BuildOptions(out=tmp_path / "one"), progress=False)
     build(str(tmp_path / "one"), BuildOptions(out=tmp_path / "two"), progress=False)
     build(str(tmp_path / "two"), BuildOptions(out=tmp_path / "three"), progress=False)
@@ -175,9 +176,7 @@ def test_resharding_twice_does_not_nest_fields(tmp_path):
 
 
 def test_overwrite_replaces_only_the_earlier_build(tmp_path):
-    images(tmp_path / "in", 3)
-    for index in range(3):
-        (tmp_path / "in" / f"{index}.txt").write_text(f"circle {index}")
+    images(tmp_path / "in", 3, captions=True)
     out = tmp_path / "out"
     build(str(tmp_path / "in"), BuildOptions(out=out, prefix="data-val"), progress=False)
     (out / "shard-important-backup.tar").write_bytes(b"mine")
@@ -229,9 +228,7 @@ def test_output_that_is_a_file_is_refused(tmp_path):
 
 def test_folder_input_counts_every_file(tmp_path):
     source = tmp_path / "in"
-    images(source, 2)
-    (source / "0.txt").write_text("circle 0")
-    (source / "1.txt").write_text("circle 1")
+    images(source, 2, captions=True)
     (source / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
     (source / "photo.txt").write_text("a phone photo")
     (source / "README.md").write_text("notes")
@@ -345,16 +342,14 @@ def test_parallel_build_keeps_few_jobs_in_flight():
 
 
 def test_overwrite_stops_at_folders_named_like_shards(tmp_path):
-    images(tmp_path / "in", 1)
-    (tmp_path / "in" / "0.txt").write_text("circle")
+    images(tmp_path / "in", 1, captions=True)
     (tmp_path / "out" / "shard-000000.tar").mkdir(parents=True)
     with pytest.raises(BuildError, match=r"folders named like build files \(\['shard-000000.tar'\]\)"):
         build(str(tmp_path / "in"), BuildOptions(out=tmp_path / "out", overwrite=True), progress=False)
 
 
 def test_overwrite_ignores_odd_manifest_names(tmp_path):
-    images(tmp_path / "in", 1)
-    (tmp_path / "in" / "0.txt").write_text("circle")
+    images(tmp_path / "in", 1, captions=True)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -365,9 +360,7 @@ def test_overwrite_ignores_odd_manifest_names(tmp_path):
 
 def test_build_inside_its_input_skips_its_own_files(tmp_path):
     source = tmp_path / "in"
-    images(source, 2)
-    (source / "0.txt").write_text("circle 0")
-    (source / "1.txt").write_text("circle 1")
+    images(source, 2, captions=True)
     build(str(source), BuildOptions(out=source / "shards"), progress=False)
     stats = build(str(source), BuildOptions(out=source / "shards", overwrite=True), progress=False)
     assert stats["samples"] == 2
