@@ -277,8 +277,14 @@ def table_records(path: Path, fmt: str, options: BuildOptions) -> Iterator[Recor
             if isinstance(image, dict):
                 # the Hugging Face datasets layout: {"bytes": ..., "path": ...}, bytes if embedded
                 if image.get("bytes"):
-                    source = str(image.get("path") or location)
-                    yield Record(source, row.get(caption_column), image_bytes=bytes(image["bytes"]), extra=extra)
+                    name = image.get("path")
+                    yield Record(
+                        str(name) if name else location,
+                        row.get(caption_column),
+                        image_bytes=bytes(image["bytes"]),
+                        extra=extra,
+                        location=location if name else None,
+                    )
                     continue
                 image = image.get("path")
             if isinstance(image, bytes | bytearray):
