@@ -210,7 +210,7 @@ def compute_metrics(
     return results, details
 
 
-def eval_loader(config: Config, transform, labels: dict[str, int] | None, rank: int, world: int) -> DataLoader:
+def eval_loader(config: Config, transform, classes: ClassFile | None, rank: int, world: int) -> DataLoader:
     urls = check_urls(config.eval.shards, "eval.shards")
     data = config.data
     settings = StreamSettings(
@@ -230,7 +230,14 @@ def eval_loader(config: Config, transform, labels: dict[str, int] | None, rank: 
         world_size=world,
         workers=config.eval.workers,
     )
-    stream = EvalStream(settings, transform, config.eval.retrieval_captions, labels, config.eval.label_key)
+    stream = EvalStream(
+        settings,
+        transform,
+        config.eval.retrieval_captions,
+        classes.labels if classes else None,
+        config.eval.label_key,
+        len(classes.classnames) if classes else None,
+    )
     return DataLoader(stream, batch_size=None, num_workers=config.eval.workers)
 
 
@@ -248,12 +255,11 @@ def evaluate_model(model: nn.Module, config: Config, accelerator, run_dir: Path 
     tokenizer = create_tokenizer(model)
     _, transform = image_transforms(model)
     classes = read_class_file(config.eval.classes) if config.eval.classes else None
-    labels = classes.labels if classes else None
-    loader = eval_loader(config, transform, labels, accelerator.process_index, accelerator.num_processes)
+    loader = eval_loader(config, transform, classes, accelerator.process_index, accelerator.num_processes)
     part = embed_eval_set(model, tokenizer, loader, accelerator.device, accelerator.autocast)
     data = merge_parts(gather_object([part]))
     classifier = None
-    if classes is not None and (labels is not None or config.eval.label_key):
+    if classes is not None and (classes.labels is not None or config.eval.label_key):
         classifier = zeroshot_classifier(model, tokenizer, classes, accelerator.device, accelerator.autocast)
     results, details = compute_metrics(
         data,

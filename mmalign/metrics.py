@@ -19,7 +19,10 @@ Definitions (also written to eval_details.json):
   held-out images. Its L2 penalty is chosen inside each training fold, so a
   test fold never influences the probe that scores it.
 
-Chance levels are the expected scores of a uniformly random ranking.
+Chance levels are the expected scores of a uniformly random ranking, except
+the linear probe's top-1, whose baseline is the most common class's share of
+the probed images (a probe learns the class frequencies, so it beats a
+uniform guess on imbalanced classes without learning anything else).
 """
 
 from __future__ import annotations
@@ -245,7 +248,7 @@ def linear_probe_metrics(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> tuple[dict[str, float], dict[str, int]]:
-    """Cross-validated top-1 and mean per-class recall of a logistic-regression probe, with chance levels.
+    """Cross-validated top-1 and mean per-class recall of a logistic-regression probe, with baselines.
 
     Every labelled image is scored once, by the probe trained on the other folds. The
     L2 penalty is chosen from ``PROBE_PENALTIES`` on a held-out part of each training
@@ -264,11 +267,19 @@ def linear_probe_metrics(
     features, labels = features[kept].float().to(device), labels[kept].to(device)
     classes, counts = labels.unique(return_counts=True)
     if len(classes) < 2:
-        logger.warning("linear probe skipped: it needs two classes with at least two labelled images each")
-        return {}, {}
+        reason = "it needs two classes with at least two labelled images each"
+        logger.warning("linear probe skipped: %s", reason)
+        return {}, {"linear_probe_skipped": reason}
     # class indices 0..C-1 in the order of the classes present
     targets = torch.searchsorted(classes, labels)
     splits = min(folds, int(counts.min()))
+    if splits < folds:
+        logger.warning(
+            "linear probe: %d folds requested, but the smallest class has %d images, so %d folds run",
+            folds,
+            int(counts.min()),
+            splits,
+        )
     fold_of = stratified_folds(targets.cpu(), splits, seed).to(device)
     predicted = torch.empty_like(targets)
     for fold in range(splits):
@@ -281,7 +292,8 @@ def linear_probe_metrics(
     results = {
         "linear_probe/top1": correct.double().mean().item(),
         "linear_probe/mean_per_class_recall": per_class.mean().item(),
-        "chance/linear_probe/top1": 1 / len(classes),
+        # a probe that learned only the class frequencies predicts the most common class
+        "chance/linear_probe/top1": counts.max().item() / len(targets),
         "chance/linear_probe/mean_per_class_recall": 1 / len(classes),
     }
     details = {"linear_probe_images": len(targets), "linear_probe_classes": len(classes), "linear_probe_folds": splits}

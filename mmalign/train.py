@@ -370,6 +370,8 @@ def train(config: Config) -> Path:
     text_cache = cache_text_embeddings(model, config.model.text_cache_size)
     if text_cache is not None:
         logger.info("text tower frozen: its embeddings of up to %d captions are cached", text_cache.capacity)
+    elif config.model.text_cache_size > 0:
+        logger.info("text cache off: text-side parameters train, so caption embeddings change")
     model, optimizer = accelerator.prepare(model, optimizer)
 
     def order(pass_index: int) -> list[str]:

@@ -147,7 +147,19 @@ def test_linear_probe_drops_classes_with_one_image():
     # class 2 has one image; the others have three, so three folds
     assert details == {"linear_probe_images": 6, "linear_probe_classes": 2, "linear_probe_folds": 3}
     assert results["chance/linear_probe/top1"] == 0.5
-    assert linear_probe_metrics(torch.randn(3, 4), torch.tensor([0, 0, 1]), folds=5) == ({}, {})
+    skipped = linear_probe_metrics(torch.randn(3, 4), torch.tensor([0, 0, 1]), folds=5)
+    assert skipped == ({}, {"linear_probe_skipped": "it needs two classes with at least two labelled images each"})
+
+
+def test_linear_probe_baseline_is_the_majority_class(caplog):
+    # 3 of 4 images in class 0: a probe that learns nothing but the frequencies scores 0.75
+    labels = torch.tensor([0] * 30 + [1] * 10)
+    results, details = linear_probe_metrics(torch.zeros(40, 8), labels, folds=20)
+    assert results["chance/linear_probe/top1"] == 0.75
+    assert results["chance/linear_probe/mean_per_class_recall"] == 0.5
+    # the smallest class has 10 images, so 10 folds run, and the log says why
+    assert details["linear_probe_folds"] == 10
+    assert "20 folds requested, but the smallest class has 10 images" in caplog.text
 
 
 def test_linear_probe_caps_the_images_used():

@@ -173,3 +173,20 @@ def test_eval_stream_reads_each_sample_exactly_once(tmp_path):
     assert sorted(keys) == sorted(
         f"{shard:03d}{index:04d}" for shard, count in enumerate([4, 5, 6]) for index in range(count)
     )
+
+
+def test_eval_stream_skips_labels_outside_the_classes(tmp_path):
+    members = []
+    for index, label in enumerate([b"0", b"2", b"9", b"-3", b"x"]):
+        members += [
+            (f"{index:04d}.jpg", encode(shape_image("red", "circle"))),
+            (f"{index:04d}.txt", b"a red circle"),
+            (f"{index:04d}.cls", label),
+        ]
+    write_tar(tmp_path / "labels-0.tar", members)
+    settings = settings_for(str(tmp_path / "labels-0.tar"), shuffle_buffer=0, batch_size=8)
+    stream = EvalStream(settings, to_tensor, label_key="cls", num_classes=3)
+    [batch] = list(DataLoader(stream, batch_size=None))
+    assert batch["labels"] == [0, 2]
+    # 9 is not one of 3 classes, -3 is not a class at all, x is not a number
+    assert batch["report"]["skipped"] == {"bad_label": 3}

@@ -325,6 +325,7 @@ class EvalStream(IterableDataset):
         caption_field: str = "caption",
         labels: dict[str, int] | None = None,
         label_key: str | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -332,6 +333,8 @@ class EvalStream(IterableDataset):
         self.caption_field = caption_field
         self.labels = labels
         self.label_key = label_key
+        # labels read from ``label_key`` must be below this, when a class file gives the classes
+        self.num_classes = num_classes
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         _, stream, num_streams = stream_identity(self.settings, 0)
@@ -372,10 +375,15 @@ class EvalStream(IterableDataset):
         if self.labels is not None:
             return self.labels.get(sample.key, -1)
         if self.label_key and self.label_key in sample.fields:
+            raw = sample.fields[self.label_key]
             try:
-                return int(sample.fields[self.label_key].decode("utf-8").strip())
+                label = int(raw.decode("utf-8").strip())
             except ValueError:
-                raise SampleError("bad_label", repr(sample.fields[self.label_key][:20])) from None
+                raise SampleError("bad_label", repr(raw[:20])) from None
+            if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+                allowed = f"0..{self.num_classes - 1}" if self.num_classes is not None else "0 or more"
+                raise SampleError("bad_label", f"label {label} is not a class index {allowed}")
+            return label
         return -1
 
     @staticmethod
