@@ -253,8 +253,8 @@ def linear_probe_metrics(
     Every labelled image is scored once, by the probe trained on the other folds. The
     L2 penalty is chosen from ``PROBE_PENALTIES`` on a held-out part of each training
     fold, then the probe is refit on the whole training fold. Classes with fewer than
-    two images cannot be split and are left out, and above ``max_images`` a seeded random
-    subset is used; the returned details count the images and classes used and the folds run.
+    two images cannot be split, so they are left out. Above ``max_images``, a seeded random
+    subset is used. The returned details count the images and classes used and the folds run.
 
     Shape:
         features: (N, D) frozen embeddings; labels: (N,) class indices.

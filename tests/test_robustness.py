@@ -372,7 +372,7 @@ def built_shards(tmp_path, samples: int = 12, shard_size: int = 4):
     return out
 
 
-def test_verify_counts_add_up_wherever_a_shard_is_cut(tmp_path):
+def test_verify_counts_at_every_cut(tmp_path):
     out = built_shards(tmp_path)
     whole = (out / "shard-000001.tar").read_bytes()
     for cut in range(512, len(whole), 256):
