@@ -3,8 +3,8 @@
     python benchmarks/linear_probe.py --images 595 --classes 9 --dim 384 --images 5000 --classes 100 --dim 512
 
 Each case is unit vectors around one random centre per class, with Gaussian noise
-of --noise; the probe runs as `mmalign eval` runs it (5 folds, penalty chosen
-inside each training fold). Prints and writes one JSON record per case.
+of --noise. The probe runs as `mmalign eval` runs it: 5 folds, with the penalty
+chosen inside each training fold. Prints and writes one JSON record per case.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def field_spec(args: argparse.Namespace):
 
 
 def train_parser() -> argparse.ArgumentParser:
-    """Build the parser of ``mmalign train``; it lives here so that ``--help`` answers before torch loads."""
+    """Build the parser of ``mmalign train``, kept here so that ``--help`` returns before torch is imported."""
     parser = argparse.ArgumentParser(
         prog="mmalign train",
         description="Train an image-text model with the symmetric InfoNCE loss.",
@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     configure_logging()
     if command == "train":
-        # --help and usage errors are answered here, before the training module imports torch
+        # --help and usage errors are handled here, before the training module imports torch
         train_parser().parse_args(rest)
         from mmalign.train import main as train_main
 

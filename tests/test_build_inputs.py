@@ -180,7 +180,7 @@ def test_overwrite_replaces_only_the_earlier_build(tmp_path):
     out = tmp_path / "out"
     build(str(tmp_path / "in"), BuildOptions(out=out, prefix="data-val"), progress=False)
     (out / "shard-important-backup.tar").write_bytes(b"mine")
-    # the folder holds a build, whatever its prefix
+    # the folder contains a build, whatever its prefix
     with pytest.raises(BuildError, match="already contains shards"):
         build(str(tmp_path / "in"), BuildOptions(out=out, prefix="data"), progress=False)
     build(str(tmp_path / "in"), BuildOptions(out=out, prefix="data", shard_size=2, overwrite=True), progress=False)
@@ -260,7 +260,7 @@ def test_csv_unclosed_quote_is_refused_not_swallowed(tmp_path):
         build(str(table), BuildOptions(out=tmp_path / "out"), progress=False)
 
 
-def test_csv_bad_quoting_skips_the_row_with_its_lines(tmp_path):
+def test_csv_bad_quoting_skips_rows(tmp_path):
     images(tmp_path, 3)
     table = tmp_path / "pairs.csv"
     table.write_text('image,caption\n0.png,"bad" quote\n1.png,"two\nlines",extra\n2.png,"a quoted\ncaption"\n')

@@ -157,7 +157,7 @@ def test_linear_probe_baseline_is_the_majority_class(caplog):
     results, details = linear_probe_metrics(torch.zeros(40, 8), labels, folds=20)
     assert results["chance/linear_probe/top1"] == 0.75
     assert results["chance/linear_probe/mean_per_class_recall"] == 0.5
-    # the smallest class has 10 images, so 10 folds run, and the log says why
+    # the smallest class has 10 images, so 10 folds run, and a warning gives the reason
     assert details["linear_probe_folds"] == 10
     assert "20 folds requested, but the smallest class has 10 images" in caplog.text
 

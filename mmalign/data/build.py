@@ -315,7 +315,7 @@ def is_shard_name(name: str, prefix: str) -> bool:
 def publish(staging: Path, options: BuildOptions, replaced: list[Path]) -> None:
     """Replace the earlier build's files with the staged ones, now that the new build is complete.
 
-    The new files go in first, each replacing any old file of its name in one step; then
+    The new files go in first, each replacing any old file of its name in one step. Then
     the old files that no new one replaced are deleted.
     """
     written = set()
